@@ -1,0 +1,3 @@
+from marco_gguf.cli import main
+
+main()

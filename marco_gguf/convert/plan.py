@@ -1,0 +1,142 @@
+"""Map a checkpoint's tensors onto GGUF tensors: names, shapes, and where each row comes from.
+
+Experts are stored either one 2-D tensor per expert or fused into 3-D tensors; both become the
+same stacked GGUF tensors [experts, rows, cols] without ever being stacked in memory: a GGUF
+tensor is a list of row segments in the checkpoint, read a chunk at a time when it is written.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import MODEL_TENSOR as MT
+
+from marco_gguf.convert.checkpoint import Checkpoint, StoredTensor
+from marco_gguf.convert.registry import Architecture, HParams
+from marco_gguf.errors import MarcoError
+
+SOURCE_TYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # derived buffers some exporters save
+
+
+@dataclass(frozen=True)
+class Segment:
+    tensor: StoredTensor
+    first_row: int  # within the stored tensor, seen as 2-D
+    n_rows: int
+
+
+class CheckpointRows:
+    """A GGUF tensor's rows, gathered from row segments of checkpoint tensors."""
+
+    def __init__(self, ckpt: Checkpoint, segments: list[Segment]):
+        dtypes = {s.tensor.dtype for s in segments}
+        if len(dtypes) != 1:
+            names = ", ".join(sorted({s.tensor.name for s in segments})[:3])
+            raise MarcoError(f"tensors {names}... mix dtypes {sorted(dtypes)}")
+        self.ckpt = ckpt
+        self.segments = segments
+        self.dtype = SOURCE_TYPES[dtypes.pop()]
+        self.starts = np.cumsum([0] + [s.n_rows for s in segments]).tolist()
+
+    def read(self, first_row: int, n_rows: int, out: np.ndarray | None = None) -> np.ndarray:
+        i = bisect.bisect_right(self.starts, first_row) - 1
+        seg = self.segments[i]
+        offset = first_row - self.starts[i]
+        assert offset + n_rows <= seg.n_rows, "chunks never cross a segment"
+        return self.ckpt.read_rows(seg.tensor, seg.first_row + offset, n_rows, out)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    source: CheckpointRows
+
+
+def _rows(t: StoredTensor) -> int:
+    return int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
+
+
+def plan_tensors(arch: Architecture, hp: HParams, ckpt: Checkpoint) -> list[PlannedTensor]:
+    """Every GGUF tensor in file order; unknown or misshapen checkpoint tensors are refused."""
+    tensors = dict(ckpt.tensors)
+    planned: list[PlannedTensor] = []
+
+    def take(hf_name: str, shape: tuple[int, ...]) -> StoredTensor | None:
+        t = tensors.pop(hf_name, None)
+        if t is not None and t.shape != shape:
+            raise MarcoError(f"tensor {hf_name} has shape {list(t.shape)}, config.json implies {list(shape)}")
+        return t
+
+    def add(target: MT, bid: int | None, shape: tuple[int, ...], segments: list[Segment]) -> None:
+        name = gguf.TENSOR_NAMES[target].format(bid=bid) + ".weight"
+        planned.append(PlannedTensor(name, shape, CheckpointRows(ckpt, segments)))
+
+    for bid in [None, *range(hp.n_layer)]:
+        for rule in arch.tensors:
+            if ("{bid}" in rule.hf_name) != (bid is not None):
+                continue
+            hf_name = rule.hf_name.format(bid=bid)
+            shape = rule.shape(hp)
+            t = take(hf_name, shape)
+            if rule.target == MT.OUTPUT and (hp.tied or t is None):
+                if t is None and not hp.tied:
+                    raise MarcoError("config.json says the embeddings are not tied but there is no lm_head.weight")
+                continue  # tied: llama.cpp reuses token_embd as the output layer
+            if t is None:
+                raise MarcoError(f"checkpoint has no tensor {hf_name}")
+            add(rule.target, bid, shape, [Segment(t, 0, _rows(t))])
+        if bid is not None:
+            for target, shape, segments in _expert_tensors(hp, bid, take):
+                add(target, bid, shape, segments)
+
+    leftovers = [n for n in tensors if not n.endswith(IGNORED_SUFFIXES)]
+    if leftovers:
+        raise MarcoError(_unknown_tensor_message(sorted(leftovers)))
+    return planned
+
+
+def _expert_tensors(hp: HParams, bid: int, take) -> list[tuple[MT, tuple[int, ...], list[Segment]]]:
+    """Stacked gate/up/down expert tensors of one layer, from per-expert or fused 3-D storage."""
+    E, I, H = hp.n_expert, hp.n_ff_exp, hp.n_embd
+    prefix = f"model.layers.{bid}.mlp.experts"
+    gate_shape, down_shape = (E, I, H), (E, H, I)
+    fused = take(f"{prefix}.gate_up_proj", (E, 2 * I, H)) or take(f"{prefix}.gate_up_proj.weight", (E, 2 * I, H))
+    if fused is not None:
+        down = take(f"{prefix}.down_proj", down_shape) or take(f"{prefix}.down_proj.weight", down_shape)
+        if down is None:
+            raise MarcoError(f"checkpoint has {prefix}.gate_up_proj but no {prefix}.down_proj")
+        return [
+            (MT.FFN_GATE_EXP, gate_shape, [Segment(fused, e * 2 * I, I) for e in range(E)]),
+            (MT.FFN_UP_EXP, gate_shape, [Segment(fused, e * 2 * I + I, I) for e in range(E)]),
+            (MT.FFN_DOWN_EXP, down_shape, [Segment(down, 0, E * H)]),
+        ]
+    out = []
+    for proj, target, shape in (("gate_proj", MT.FFN_GATE_EXP, (I, H)), ("up_proj", MT.FFN_UP_EXP, (I, H)),
+                                ("down_proj", MT.FFN_DOWN_EXP, (H, I))):
+        segments = []
+        for e in range(E):
+            t = take(f"{prefix}.{e}.{proj}.weight", shape)
+            if t is None:
+                raise MarcoError(f"checkpoint has no tensor {prefix}.{e}.{proj}.weight "
+                                 f"(config.json says {E} experts)")
+            segments.append(Segment(t, 0, shape[0]))
+        out.append((target, (E, *shape), segments))
+    return out
+
+
+def _unknown_tensor_message(names: list[str]) -> str:
+    first = names[0]
+    if any(n.endswith(".bias") for n in names):
+        why = "bias terms, which llama.cpp's qwen3moe graph does not have"
+    elif any("shared_expert" in n for n in names):
+        why = "shared experts, which llama.cpp's qwen3moe graph does not have"
+    else:
+        why = "no place in llama.cpp's qwen3moe graph"
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return f"cannot convert: unknown tensor {first}{more}: {why}"

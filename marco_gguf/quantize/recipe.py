@@ -1,0 +1,189 @@
+"""Quantization recipes: which ggml type each class of Marco tensor gets.
+
+A recipe maps tensor classes to a preference list of types; a tensor takes the first type whose
+block fits its row length. That is where Marco differs from llama-quantize's presets: Marco-Nano's
+expert down projections have rows of 384 weights, which 256-weight k-quant blocks cannot hold, so
+every preset names a 32-block type for them on purpose instead of falling back silently to a
+bigger one. Marco-Mini's 768-wide rows take the k-quant.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType as FT
+
+from marco_gguf.errors import MarcoError
+from marco_gguf.quantize import ggml
+
+CLASSES = ("expert_gate", "expert_up", "expert_down", "attn_q", "attn_k", "attn_v", "attn_output",
+           "router", "token_embd", "output", "norm")
+CLASS_OF_SUFFIX = {
+    "ffn_gate_exps": "expert_gate", "ffn_up_exps": "expert_up", "ffn_down_exps": "expert_down",
+    "attn_q": "attn_q", "attn_k": "attn_k", "attn_v": "attn_v", "attn_output": "attn_output",
+    "ffn_gate_inp": "router", "token_embd": "token_embd", "output": "output",
+}
+LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def tensor_class(name: str, ndim: int) -> str:
+    """The recipe class of a GGUF tensor name ('blk.3.ffn_down_exps.weight' -> 'expert_down')."""
+    stem = LAYER.sub("", name).removesuffix(".weight")
+    if ndim == 1 or stem.endswith("norm"):
+        return "norm"
+    return CLASS_OF_SUFFIX.get(stem, "other")
+
+
+def layer_of(name: str) -> int | None:
+    m = LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def more_bits_layer(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers and every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Types per class, stronger types for more-bits layers, and regex overrides (first match wins)."""
+
+    name: str
+    types: dict[str, tuple[str, ...]]
+    more_bits: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    overrides: tuple[tuple[str, str], ...] = ()
+    file_type: FT = FT.GUESSED
+
+    def with_overrides(self, specs: list[str]) -> Recipe:
+        """Add llama-quantize style `--tensor-type PATTERN=TYPE` overrides (regex, searched in the name)."""
+        extra = []
+        for spec in specs:
+            pattern, sep, type_name = spec.rpartition("=")
+            if not sep or not pattern:
+                raise MarcoError(f"--tensor-type {spec!r}: expected PATTERN=TYPE, e.g. ffn_down_exps=q5_0")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise MarcoError(f"--tensor-type {spec!r}: bad regular expression ({exc})") from None
+            extra.append((pattern, ggml.parse_type(type_name).name))
+        return Recipe(self.name, self.types, self.more_bits, self.overrides + tuple(extra), self.file_type)
+
+    def type_for(self, name: str, shape: tuple[int, ...], n_layer: int, tied: bool) -> T:
+        """The type of one tensor; an override that cannot hold the tensor's rows is a MarcoError."""
+        cls = tensor_class(name, len(shape))
+        row = shape[-1]
+        # Norms are vectors every graph reads as f32; the router (ffn_gate_inp) decides which experts
+        # run, llama-quantize never quantizes it either, and it is 0.1% of the weights: both stay f32.
+        if cls in ("norm", "router"):
+            return T.F32
+        for pattern, type_name in self.overrides:
+            if re.search(pattern, name):
+                t = ggml.parse_type(type_name)
+                if not ggml.fits(t, row):
+                    raise MarcoError(f"{name}: rows of {row} weights cannot be stored as {t.name} "
+                                     f"(blocks of {ggml.block_size(t)})")
+                return t
+        if cls == "token_embd" and tied:
+            cls = "output"  # a tied embedding is also the output layer: it gets the output's type
+        layer = layer_of(name)
+        prefs = self.types.get(cls, ("F16",))
+        if layer is not None and cls in self.more_bits and more_bits_layer(layer, n_layer):
+            prefs = self.more_bits[cls]
+        for type_name in prefs + ("F16",):
+            t = ggml.parse_type(type_name)
+            if ggml.fits(t, row):
+                return t
+        raise AssertionError("F16 fits every row")
+
+    def to_toml(self) -> str:
+        """The recipe as the TOML that --recipe reads back."""
+        def table(d: dict[str, tuple[str, ...]]) -> str:
+            return "".join(f'{k} = [{", ".join(repr(v) for v in vs)}]\n'.replace("'", '"') for k, vs in d.items())
+        text = f'name = "{self.name}"\n\n[types]\n{table(self.types)}'
+        if self.more_bits:
+            text += f"\n[more_bits]\n{table(self.more_bits)}"
+        if self.overrides:
+            text += "\n[tensor_types]\n" + "".join(f"{_toml_str(p)} = \"{t}\"\n" for p, t in self.overrides)
+        return text
+
+
+def _toml_str(s: str) -> str:
+    return "'" + s + "'" if "'" not in s else '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def uniform(type_name: str) -> Recipe:
+    """Every matrix in one type (convert --outtype): what llama.cpp's converter writes for it."""
+    ft = {"F32": FT.ALL_F32, "F16": FT.MOSTLY_F16, "BF16": FT.MOSTLY_BF16, "Q8_0": FT.MOSTLY_Q8_0}
+    t = ggml.parse_type(type_name).name
+    return Recipe(t.lower(), {c: (t,) for c in CLASSES}, file_type=ft.get(t, FT.GUESSED))
+
+
+def _preset(name: str, ft: FT, gate_up: str, down: tuple[str, ...], attn: str, attn_v: str,
+            output: str, embd: str | None = None, more_bits: dict[str, tuple[str, ...]] | None = None) -> Recipe:
+    types = {"expert_gate": (gate_up,), "expert_up": (gate_up,), "expert_down": down,
+             "attn_q": (attn,), "attn_k": (attn,), "attn_output": (attn,), "attn_v": (attn_v,),
+             "output": (output, "Q8_0"), "token_embd": (embd or output, "Q8_0")}
+    return Recipe(name, types, more_bits or {}, file_type=ft)
+
+
+# Why each rule is what it is:
+# - Experts are 96% of Marco's weights but only 8 of 232 run per token, so they set the file size
+#   and most of the decode traffic; gate/up rows (hidden = 1024) take the preset's k-quant.
+# - Down projections have rows of moe_intermediate_size weights: 384 in Marco-Nano. Each preset
+#   lists its k-quant first (taken where it fits, as for Marco-Mini's 768) and then the 32-block
+#   type closest in error at no more bits (relative RMS error on Gaussian weights, BENCHMARKS.md):
+#   Q4_K 0.077 -> IQ4_NL 0.086 (both 4.5 bpw; llama-quantize falls back to Q5_0 at 5.5 bpw),
+#   Q5_K 0.039 -> Q5_1 0.040 (6.0), Q6_K 0.020 -> Q8_0 (nothing 32-block lies between),
+#   Q2_K/Q3_K -> MXFP4 (4.25 bpw, the smallest 32-block type, still better than Q3_K's 0.164).
+# - More-bits layers (first and last eighth, every third between; llama.cpp's heuristic) give down
+#   projections and attention V one step more, as llama-quantize's _M presets do.
+# - Attention (q, k, v, o) is 2% of the weights but read for every token; it follows
+#   llama-quantize's choices. The tied embedding is also the output layer: Q6_K, as llama.cpp does.
+PRESETS = {
+    "Q8_0": _preset("Q8_0", FT.MOSTLY_Q8_0, "Q8_0", ("Q8_0",), "Q8_0", "Q8_0", "Q8_0"),
+    "Q6_K": _preset("Q6_K", FT.MOSTLY_Q6_K, "Q6_K", ("Q6_K", "Q8_0"), "Q6_K", "Q6_K", "Q6_K"),
+    "Q5_K_M": _preset("Q5_K_M", FT.MOSTLY_Q5_K_M, "Q5_K", ("Q5_K", "Q5_1"), "Q5_K", "Q5_K", "Q6_K",
+                      more_bits={"expert_down": ("Q6_K", "Q8_0"), "attn_v": ("Q6_K",)}),
+    "Q5_K_S": _preset("Q5_K_S", FT.MOSTLY_Q5_K_S, "Q5_K", ("Q5_K", "Q5_1"), "Q5_K", "Q5_K", "Q6_K"),
+    "Q4_K_M": _preset("Q4_K_M", FT.MOSTLY_Q4_K_M, "Q4_K", ("Q4_K", "IQ4_NL"), "Q4_K", "Q4_K", "Q6_K",
+                      more_bits={"expert_down": ("Q6_K", "Q5_0"), "attn_v": ("Q6_K",)}),
+    "Q4_K_S": _preset("Q4_K_S", FT.MOSTLY_Q4_K_S, "Q4_K", ("Q4_K", "IQ4_NL"), "Q4_K", "Q4_K", "Q6_K",
+                      more_bits={"attn_v": ("Q5_K",)}),
+    "Q3_K_M": _preset("Q3_K_M", FT.MOSTLY_Q3_K_M, "Q3_K", ("Q4_K", "MXFP4"), "Q3_K", "Q4_K", "Q6_K",
+                      more_bits={"expert_down": ("Q5_K", "IQ4_NL"), "attn_v": ("Q5_K",)}),
+    "Q2_K": _preset("Q2_K", FT.MOSTLY_Q2_K, "Q2_K", ("Q3_K", "MXFP4"), "Q3_K", "Q4_K", "Q6_K"),
+    "IQ4_XS": _preset("IQ4_XS", FT.MOSTLY_IQ4_XS, "IQ4_XS", ("IQ4_XS", "IQ4_NL"), "IQ4_XS", "Q5_K", "Q6_K"),
+}
+
+
+def preset(name: str) -> Recipe:
+    key = name.strip().upper()
+    if key not in PRESETS:
+        raise MarcoError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+def load_recipe(path: Path) -> Recipe:
+    """A recipe from TOML: name, [types] and [more_bits] (class = type or [types]), [tensor_types]."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MarcoError(f"recipe file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise MarcoError(f"recipe file {path} is not valid TOML: {exc}") from None
+
+    def table(key: str) -> dict[str, tuple[str, ...]]:
+        out = {}
+        for cls, value in (data.get(key) or {}).items():
+            if cls not in CLASSES:
+                raise MarcoError(f"recipe {path.name}: unknown tensor class {cls!r} (classes: {', '.join(CLASSES)})")
+            names = (value,) if isinstance(value, str) else tuple(value)
+            out[cls] = tuple(ggml.parse_type(n).name for n in names)
+        return out
+
+    base = Recipe(str(data.get("name", path.stem)), table("types"), table("more_bits"))
+    return base.with_overrides([f"{p}={t}" for p, t in (data.get("tensor_types") or {}).items()])
