@@ -112,6 +112,9 @@ def demo(
         run_demo(Path(tmp), threads, force)
 
 
+import marco_gguf.runtime.device_commands  # noqa: E402,F401  (registers build-runtime, doctor, bench)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,156 @@
+"""Commands for the machine the model runs on: build-runtime, doctor, bench."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from marco_gguf.app import command, print_json
+from marco_gguf.errors import MarcoError
+from marco_gguf.files import format_bytes
+from marco_gguf.ui import console, err
+
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+@command("build-runtime")
+def build_runtime(
+    profile: Annotated[str, typer.Option("--profile", help="Build profile: a cmake/NAME.cmake file "
+                                         "(cpu, cpu-avx2, cpu-avx512, cuda, vulkan, metal, linux-arm64).")],
+    defines: Annotated[list[str] | None, typer.Option("-D", help="Extra CMake setting NAME=VALUE (repeatable), "
+                                                      "e.g. -D GGML_AVX512=ON.")] = None,
+    cuda_arch: Annotated[str | None, typer.Option("--cuda-arch", help="CUDA compute capability to build for, "
+                                                  "e.g. 89 (nvidia-smi --query-gpu=compute_cap).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the pip command, do not run it.")] = False,
+) -> None:
+    """Rebuild llama-cpp-python from source with a build profile for this machine's hardware (~10 minutes)."""
+    from marco_gguf.runtime.build import build_command, installed_build, run_build
+
+    extra = list(defines or [])
+    if cuda_arch:
+        if profile != "cuda":
+            raise MarcoError("--cuda-arch goes with --profile cuda")
+        extra.append(f"CMAKE_CUDA_ARCHITECTURES={cuda_arch}")
+    cmd = build_command(profile, extra)
+    console.print(cmd.shell(), markup=False, highlight=False, soft_wrap=True)
+    if dry_run:
+        return
+    code = run_build(cmd)
+    if code != 0:
+        raise MarcoError(f"pip failed (exit code {code}); the log above says why")
+    info = installed_build()
+    console.print(f"installed: {info}", markup=False, highlight=False)
+    if "AMX_INT8 = 1" in info:
+        err.print("warning: the new build has AMX kernels; if `marco-gguf doctor` reports SIGILL, rebuild")
+    console.print("check it with: marco-gguf doctor")
+
+
+@command()
+def doctor(
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="A GGUF to check the memory for.")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context length to check the memory for.")] = 4096,
+    as_json: Json = False,
+) -> None:
+    """Check the installed llama.cpp build on this machine: features, a crash probe, memory, a better build."""
+    from marco_gguf.runtime.doctor import diagnose
+
+    if ctx < 1:
+        raise typer.BadParameter("--ctx must be at least 1")
+    report = diagnose(model, ctx)
+    if as_json:
+        print_json(report)
+    else:
+        show_report(report)
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
+def show_report(r: dict) -> None:
+    lc, host, probe = r["llama_cpp"], r["host"], r["probe"]
+    console.print(f"[bold]llama-cpp-python {lc['version']}[/]  backends: {', '.join(lc['backends'])}  "
+                  f"GPU offload: {'yes' if lc['gpu_offload'] else 'no'}")
+    for section, features in lc["features"].items():
+        on = [k if v == "1" else f"{k}={v}" for k, v in features.items() if v != "0"]
+        console.print(f"  {section}: {' '.join(on)}", highlight=False)
+    for d in lc["devices"]:
+        console.print(f"  device {d['name']} ({d['type']}): {d['description']}, "
+                      f"{format_bytes(d['memory_free'])} free of {format_bytes(d['memory_total'])}", highlight=False)
+    gpus = ", ".join(f"{g['name']} (compute {g['compute_cap']})" for g in host["nvidia"]) or "none"
+    console.print(f"[bold]this machine[/]: {host['system']} {host['machine']}, NVIDIA GPUs: {gpus}, "
+                  f"Vulkan: {'yes' if host['vulkan'] else 'no'}", highlight=False)
+    if probe["ok"]:
+        console.print(f"[green]prompt processing works[/]: {probe['tokens']} tokens in {probe['seconds']:.2f} s "
+                      "on a tiny model (in a child process)")
+    if "model" in r:
+        show_fit(r["model"])
+    for problem in r["problems"]:
+        console.print(f"[bold red]problem:[/] {problem}", highlight=False)
+    advice = r["advice"]
+    if advice:
+        verb = "fix" if r["problems"] else "a build that uses more of this machine"
+        console.print(f"[bold]{verb}[/] ({advice['reason']}):")
+        console.print(f"  {advice['command']}", markup=False, highlight=False)
+        console.print(f"  or: {advice['pip']}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print("the installed build fits this machine")
+
+
+def show_fit(m: dict) -> None:
+    table = Table("", "bytes", title=f"{Path(m['model']).name} at context {m['n_ctx']}")
+    for label, key in (("weights", "weights"), ("  of which experts", "experts"), ("KV cache (f16)", "kv_cache"),
+                       ("compute buffers", "compute"), ("needed", "need"), ("RAM available", "ram_available")):
+        if m.get(key) is not None:
+            table.add_row(label, format_bytes(m[key]))
+    if "gpu_free" in m:
+        table.add_row("GPU memory free", format_bytes(m["gpu_free"]))
+        table.add_row("GPU needs with --experts-on-cpu", format_bytes(m["gpu_need_experts_on_cpu"]))
+    console.print(table)
+    if m.get("fits_on_gpu") is False and m.get("fits_with_experts_on_cpu"):
+        console.print("the whole model does not fit the GPU; with --experts-on-cpu it does")
+
+
+@command()
+def bench(
+    model: Annotated[Path, typer.Argument(help="GGUF file.")],
+    threads: Annotated[int | None, typer.Option("--threads", "-t", help="Threads (default: all cores).")] = None,
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Timed runs of each test.")] = 5,
+    n_prompt: Annotated[int, typer.Option("-p", help="Prompt tokens (llama-bench's pp test).")] = 512,
+    n_gen: Annotated[int, typer.Option("-n", help="Generated tokens (llama-bench's tg test).")] = 128,
+    n_gpu_layers: Annotated[int, typer.Option("--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all).")] = 0,
+    experts_on_cpu: Annotated[bool, typer.Option("--experts-on-cpu", help="Keep expert weights in host memory.")]
+    = False,
+    n_cpu_moe: Annotated[int, typer.Option("--n-cpu-moe", help="Keep the experts of the first N layers in host "
+                                           "memory.")] = 0,
+    as_json: Json = False,
+) -> None:
+    """Tokens/s of the Python API against llama.cpp's raw decode loop, and against the memory-bandwidth bound."""
+    from marco_gguf.runtime.bench import Settings, run_bench
+
+    if threads is not None and threads < 1:
+        raise typer.BadParameter("--threads must be at least 1")
+    settings = Settings(n_prompt, n_gen, repetitions, threads, n_gpu_layers, experts_on_cpu, n_cpu_moe)
+    with err.status("benchmarking: the Python API, then llama.cpp's decode loop"):
+        result = run_bench(model, settings)
+    if as_json:
+        print_json(result)
+    else:
+        show_bench(result)
+
+
+def show_bench(r: dict) -> None:
+    s, api, raw = r["settings"], r["api"], r["llama_cpp"]
+    table = Table("", "Python API", "llama.cpp decode loop", "ratio",
+                  title=f"{Path(r['model']).name}, {s['threads']} threads, median of {s['repetitions']}")
+    table.add_row(f"pp{s['n_prompt']} tokens/s", f"{api['pp']:.1f}", f"{raw['pp']:.1f}", f"{r['ratio']['pp']:.3f}")
+    table.add_row(f"tg{s['n_gen']} tokens/s", f"{api['tg']:.2f}", f"{raw['tg']:.2f}", f"{r['ratio']['tg']:.3f}")
+    table.add_row("load s", f"{api['load_s']:.2f}", f"{raw['load_s']:.2f}", "")
+    console.print(table)
+    console.print(f"peak RSS {format_bytes(r['peak_rss'])}; read bandwidth {r['read_bandwidth'] / 1e9:.1f} GB/s")
+    if r["tg_bound"]:
+        of = r["tg_of_bound"]
+        console.print(f"generation reads {format_bytes(r['host_bytes_per_token'])} of host memory per token: "
+                      f"bound {r['tg_bound']:.1f} tokens/s; the API reaches {100 * of['api']:.0f}%, "
+                      f"llama.cpp {100 * of['llama_cpp']:.0f}%")
