@@ -1,82 +1,336 @@
-"""A Marco GGUF loaded in llama.cpp (through llama-cpp-python)."""
+"""A Marco GGUF loaded in llama.cpp (through llama-cpp-python): tokenize, template, generate, stream, chat."""
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
+import logging
 import os
-import unicodedata
+import random
+import time
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from gguf import Keys
 
 from marco_gguf.errors import MarcoError
-from marco_gguf.inspect import field_value, open_gguf
+from marco_gguf.gguf_file import GGUFFile
+from marco_gguf.runtime.sampling import Sampling
+from marco_gguf.runtime.template import ChatTemplate
+from marco_gguf.runtime.tokens import Vocab, nfc
+
+__all__ = ["ARCHITECTURE", "KV_TYPES", "Completion", "MarcoModel", "TokenStream", "load_model", "nfc"]
 
 ARCHITECTURE = "qwen3moe"
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2}  # ggml type ids for the KV cache
+DEFAULT_CTX = 4096
+T = Keys.Tokenizer
+# transformers' named special tokens (the variables a chat template sees) and their GGUF keys
+SPECIAL_TOKEN_KEYS = {"eos_token": T.EOS_ID, "unk_token": T.UNK_ID, "sep_token": T.SEP_ID, "pad_token": T.PAD_ID,
+                      "mask_token": T.MASK_ID}
 
 
-def nfc(text: str) -> str:
-    """Qwen's tokenizer NFC-normalises its input; llama.cpp's does not, so the runtime does it first."""
-    return unicodedata.normalize("NFC", text)
+@dataclasses.dataclass
+class Completion:
+    """A finished generation. finish_reason: "stop" (end of turn or stop string), "length" or "cancelled"."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_evaluated: int  # prompt tokens actually computed (the rest came from the KV cache)
+    prompt_seconds: float
+    generation_seconds: float
+
+    @property
+    def prompt_tokens_per_second(self) -> float | None:
+        return self.prompt_evaluated / self.prompt_seconds if self.prompt_evaluated and self.prompt_seconds else None
+
+    @property
+    def generation_tokens_per_second(self) -> float | None:
+        n = self.completion_tokens - 1  # the first token's time is part of the prompt's
+        return n / self.generation_seconds if n > 0 and self.generation_seconds else None
+
+
+class TokenStream:
+    """The text of a generation, piece by piece as tokens come; `completion` is set once it ends.
+
+    Iterate it once. Breaking off early (or closing it) ends the generation with finish_reason
+    "cancelled". The per-token work is llama.cpp's decode and sampler plus a cached piece lookup.
+    """
+
+    def __init__(self, model: MarcoModel, ids: list[int], sampling: Sampling):
+        self.model, self.ids, self.sampling = model, ids, sampling
+        self.text = ""
+        self.tokens: list[int] = []  # the generated ids (end-of-turn token excluded)
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        model, ids, s = self.model, self.ids, self.sampling
+        llama, vocab, stop_ids = model.require_llama(), model.vocab, model.stop_ids
+        room = model.n_ctx - len(ids)
+        if not ids:
+            raise MarcoError("the prompt is empty")
+        if room <= 0:
+            raise MarcoError(f"the prompt is {len(ids)} tokens; the context holds {model.n_ctx}")
+        max_tokens = min(s.max_tokens or room, room)
+        cached = _common_prefix(llama.input_ids[:llama.n_tokens], ids)
+        evaluated = len(ids) - min(cached, len(ids) - 1)
+        llama.set_seed(s.seed if s.seed is not None else random.getrandbits(32))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        finish, n, pending = "cancelled", 0, ""
+        t0 = t_first = time.perf_counter()
+        try:
+            for token in llama.generate(ids, temp=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                                        typical_p=1.0, repeat_penalty=s.repeat_penalty,
+                                        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty):
+                if n == 0:
+                    t_first = time.perf_counter()
+                if token in stop_ids:
+                    finish, out = "stop", pending + decoder.decode(b"", final=True)
+                    if out:
+                        self.text += out
+                        yield out
+                    break
+                n += 1
+                self.tokens.append(token)
+                last = n >= max_tokens
+                pending += decoder.decode(vocab.piece(token), final=last)
+                out, pending, hit = _split_at_stop(pending, s.stop, final=last)
+                if out:
+                    self.text += out
+                    yield out
+                if hit or last:
+                    finish = "stop" if hit else "length"
+                    break
+        finally:
+            t_end = time.perf_counter()
+            self.completion = Completion(self.text, finish, len(ids), n, evaluated, t_first - t0, t_end - t_first)
+
+    def wait(self) -> Completion:
+        """Run the generation to its end and return the Completion."""
+        for _ in self:
+            pass
+        assert self.completion is not None
+        return self.completion
+
+
+def _common_prefix(a: Any, b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _split_at_stop(text: str, stops: tuple[str, ...], final: bool) -> tuple[str, str, bool]:
+    """(text safe to emit, text held back, whether a stop string was hit).
+
+    Text that could be the start of a stop string is held back until the next piece decides it.
+    """
+    if not stops:
+        return text, "", False
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    if hits:
+        return text[:min(hits)], "", True
+    if final:
+        return text, "", False
+    keep = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[:len(text) - keep], text[len(text) - keep:], False
 
 
 class MarcoModel:
-    """A loaded model: tokenization with NFC, raw logits and text generation."""
+    """A loaded model: Hugging Face-exact tokenization and chat template, generation through llama.cpp."""
 
-    def __init__(self, llama, path: Path):
-        self.llama = llama
+    def __init__(self, llama: Any, path: Path, meta: dict[str, Any], vocab: Vocab, logits_all: bool = False):
+        self.llama = llama  # None when loaded with vocab_only (tokenizing and templating only)
         self.path = path
+        self.meta = meta
+        self.vocab = vocab
+        self.logits_all = logits_all
+        self.name = str(meta.get("general.name") or path.stem)
+        self.n_ctx_train = int(meta.get(f"{ARCHITECTURE}.context_length") or 0)
+        self.sampling = Sampling.from_metadata(meta)
+        self.special_tokens = self._special_tokens()
+        self.stop_ids = self._stop_ids()
+        source = meta.get(T.CHAT_TEMPLATE)
+        self.template = ChatTemplate(source, self.special_tokens) if source else None
+
+    def _special_tokens(self) -> dict[str, str]:
+        """The variables transformers gives a template (bos_token only if the tokenizer adds BOS; Qwen's does not)."""
+        keys = dict(SPECIAL_TOKEN_KEYS)
+        if self.meta.get(T.ADD_BOS):
+            keys["bos_token"] = T.BOS_ID
+        return {name: self.vocab.text(self.meta[key]) for name, key in keys.items()
+                if isinstance(self.meta.get(key), int) and 0 <= self.meta[key] < self.vocab.n_tokens}
+
+    def _stop_ids(self) -> frozenset[int]:
+        """End of turn: the file's eos/eot/eom ids and the control tokens llama.cpp treats as end of generation."""
+        ids = {self.meta[k] for k in (T.EOS_ID, T.EOT_ID, T.EOM_ID) if isinstance(self.meta.get(k), int)}
+        ids |= {i for i in self.vocab.control_ids if self.vocab.is_eog(i)}
+        return frozenset(ids)
 
     @property
     def n_ctx(self) -> int:
-        return self.llama.n_ctx()
+        return self.llama.n_ctx() if self.llama is not None else self.n_ctx_train
+
+    def require_llama(self) -> Any:
+        if self.llama is None:
+            raise MarcoError(f"{self.path.name} was loaded for tokenizing only (vocab_only)")
+        return self.llama
+
+    def set_chat_template(self, source: str) -> None:
+        """Use `source` instead of the template stored in the file."""
+        self.template = ChatTemplate(source, self.special_tokens)
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """Token ids as Hugging Face's tokenizer makes them (NFC first; no BOS, as Qwen adds none).
 
         `special=True` parses control tokens such as <|im_start|> in the text (for rendered templates).
         """
-        return self.llama.tokenize(nfc(text).encode("utf-8"), add_bos=False, special=special)
+        return self.vocab.tokenize(text, special=special)
 
     def detokenize(self, ids: list[int]) -> str:
-        return self.llama.detokenize(ids, special=True).decode("utf-8", errors="replace")
+        return self.vocab.detokenize(ids)
+
+    def render(self, messages: Any, tools: list[dict] | None = None, add_generation_prompt: bool = True,
+               **template_kwargs: Any) -> str:
+        """The chat prompt for OpenAI-style messages, exactly as transformers' apply_chat_template writes it."""
+        if self.template is None:
+            raise MarcoError(f"{self.path.name} has no chat template (tokenizer.chat_template); give one "
+                             "with --chat-template FILE or use plain completion")
+        return self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                    **template_kwargs)
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        """Logits [len(ids), vocab] for a fresh sequence (the KV cache is cleared first)."""
+        """Logits [len(ids), vocab] for a fresh sequence (needs load_model(..., logits_all=True))."""
+        llama = self.require_llama()
+        if not self.logits_all:
+            raise MarcoError("logits need the model loaded with logits_all=True")
         if not ids or len(ids) > self.n_ctx:
             raise MarcoError(f"sequence of {len(ids)} tokens does not fit a context of {self.n_ctx}")
-        self.llama.reset()
-        self.llama.eval(ids)
-        return np.array(self.llama.scores[: len(ids)], dtype=np.float32)
+        llama.reset()
+        llama.eval(ids)
+        return np.array(llama.scores[: len(ids)], dtype=np.float32)
 
-    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> str:
-        """Complete `prompt` (greedy when temperature is 0)."""
-        ids = self.tokenize(prompt)
-        out = self.llama.create_completion(ids, max_tokens=max_tokens, temperature=temperature, seed=seed)
-        return out["choices"][0]["text"]
+    def stream(self, prompt: str | list[int], sampling: Sampling | None = None, **overrides: Any) -> TokenStream:
+        """Generate from a prompt (text, control tokens parsed, or token ids), piece by piece.
+
+        `overrides` change single settings of `sampling` (default: the model's), e.g. max_tokens=64, temperature=0.
+        """
+        ids = self.tokenize(prompt, special=True) if isinstance(prompt, str) else list(prompt)
+        return TokenStream(self, ids, (sampling or self.sampling).replace(**overrides))
+
+    def complete(self, prompt: str | list[int], sampling: Sampling | None = None, **overrides: Any) -> Completion:
+        """Generate from a prompt and return the whole Completion (text, finish reason, counts, timings)."""
+        return self.stream(prompt, sampling, **overrides).wait()
+
+    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
+                 **overrides: Any) -> str:
+        """Complete `prompt` and return the new text (greedy by default)."""
+        return self.complete(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, **overrides).text
+
+    def chat(self, messages: Any, tools: list[dict] | None = None, stream: bool = False,
+             template_kwargs: dict[str, Any] | None = None, sampling: Sampling | None = None,
+             **overrides: Any) -> str | TokenStream:
+        """The assistant's reply to OpenAI-style messages: its text, or a TokenStream with stream=True.
+
+        The reply ends at the model's end-of-turn token; <think> and <tool_call> text is passed
+        through as generated. `template_kwargs` (e.g. {"enable_thinking": False}) go to the template.
+        """
+        tokens = self.stream(self.render(messages, tools=tools, **(template_kwargs or {})), sampling, **overrides)
+        return tokens if stream else tokens.wait().text
+
+    def close(self) -> None:
+        """Free llama.cpp's model and context now rather than at garbage collection."""
+        if self.llama is not None:
+            self.llama.close()
+            self.llama = None
 
 
-def check_gguf(path: Path) -> None:
-    """A clear error for a missing file, a non-GGUF file or a GGUF of another architecture."""
-    reader = open_gguf(path)
-    arch = field_value(reader, "general.architecture")
+def _silence_llama_logs() -> None:
+    """Keep llama.cpp's log lines (load reports, teardown notes) off stderr; failures reach the user as one line.
+
+    llama-cpp-python routes them through this logger and resets its level in every Llama(); so call
+    this after creating one. MARCO_GGUF_DEBUG=1 leaves the log on.
+    """
+    if not os.environ.get("MARCO_GGUF_DEBUG"):
+        logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL + 10)
+
+
+def _load_vocab_only(path: Path) -> Any:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    _silence_llama_logs()
+    ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not ptr:
+        raise MarcoError(f"llama.cpp could not read the vocabulary of {path}")
+    return ptr
+
+
+def check_gguf(path: Path) -> dict[str, Any]:
+    """The file's metadata (string lists such as the vocabulary left out); a clear error for a missing file,
+    a non-GGUF file or another architecture."""
+    meta = {k: v for k, v in GGUFFile(path).fields.items() if not isinstance(v, list)}
+    arch = meta.get("general.architecture")
     if arch != ARCHITECTURE:
-        raise MarcoError(f"{path} is a {arch} model, not a Marco ({ARCHITECTURE}) GGUF")
+        raise MarcoError(f"{path} is a {arch or 'unnamed-architecture'} model, not a Marco ({ARCHITECTURE}) GGUF")
+    return meta
 
 
-def load_model(path: Path | str, n_ctx: int = 4096, threads: int | None = None, n_gpu_layers: int = 0,
-               logits_all: bool = False, kv_type: str = "f16") -> MarcoModel:
-    """Load a Marco GGUF; a context longer than the model was trained for is a MarcoError."""
-    from llama_cpp import Llama
+def default_threads() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
 
+
+def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None = None, n_gpu_layers: int = 0,
+               logits_all: bool = False, kv_type: str = "f16", flash_attn: bool = False, mmap: bool = True,
+               mlock: bool = False, n_batch: int = 512, vocab_only: bool = False) -> MarcoModel:
+    """Load a Marco GGUF with llama.cpp.
+
+    n_ctx defaults to min(4096, the trained context); a longer one than the model was trained for
+    is a MarcoError. n_gpu_layers -1 offloads every layer (GPU builds); kv_type is the KV-cache
+    type (q8_0/q4_0 need flash_attn); vocab_only loads just the tokenizer (for tokenize and templates).
+    """
     path = Path(path)
-    check_gguf(path)
-    trained = field_value(open_gguf(path), f"{ARCHITECTURE}.context_length")
+    meta = check_gguf(path)
+    types = meta.get(T.TOKEN_TYPE)
+    if vocab_only:
+        import llama_cpp
+
+        ptr = _load_vocab_only(path)
+        model = MarcoModel(None, path, meta, Vocab(llama_cpp.llama_model_get_vocab(ptr), types))
+        weakref.finalize(model, llama_cpp.llama_model_free, ptr)
+        return model
+
+    trained = int(meta.get(f"{ARCHITECTURE}.context_length") or 0)
+    n_ctx = n_ctx if n_ctx is not None else min(DEFAULT_CTX, trained or DEFAULT_CTX)
+    if n_ctx < 1:
+        raise MarcoError(f"context length must be positive, got {n_ctx}")
     if trained and n_ctx > trained:
         raise MarcoError(f"context {n_ctx} is longer than the {trained} tokens {path.name} was trained for")
     if kv_type not in KV_TYPES:
         raise MarcoError(f"unknown KV-cache type {kv_type!r}; choose from {', '.join(KV_TYPES)}")
-    threads = threads or len(os.sched_getaffinity(0))
-    llama = Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
-                  logits_all=logits_all, type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], verbose=False)
-    return MarcoModel(llama, path)
+    if kv_type in ("q8_0", "q4_0") and not flash_attn:
+        raise MarcoError(f"a {kv_type} KV cache needs flash attention (--flash-attn)")
+    threads = threads or default_threads()
+    try:
+        from llama_cpp import Llama, llama_model_get_vocab
+    except ImportError as exc:
+        raise MarcoError(f"llama-cpp-python is not usable ({exc}); see the README for the install command") from None
+    try:
+        llama = Llama(str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=threads,
+                      n_threads_batch=threads, n_gpu_layers=n_gpu_layers, logits_all=logits_all,
+                      type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], flash_attn=flash_attn,
+                      use_mmap=mmap, use_mlock=mlock, verbose=False)
+    except ValueError as exc:
+        raise MarcoError(f"llama.cpp could not load {path.name}: {exc}") from None
+    finally:
+        _silence_llama_logs()
+    return MarcoModel(llama, path, meta, Vocab(llama_model_get_vocab(llama.model), types), logits_all)

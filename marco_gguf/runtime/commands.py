@@ -1,0 +1,259 @@
+"""`marco-gguf chat / run / tokenize / serve`: a Marco GGUF on llama.cpp from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from marco_gguf.app import command, print_json
+from marco_gguf.errors import MarcoError
+from marco_gguf.runtime.model import KV_TYPES, MarcoModel, load_model
+from marco_gguf.runtime.sampling import Sampling
+from marco_gguf.ui import console, err
+
+LOAD = "Loading"
+SAMPLE = "Sampling"
+Model = Annotated[Path, typer.Argument(help="Marco GGUF file.", show_default=False)]
+Ctx = Annotated[int | None, typer.Option("--ctx", "-c", help="Context length in tokens (default: "
+                                         "min(4096, the trained context)).", rich_help_panel=LOAD)]
+Threads = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: all cores).",
+                                             rich_help_panel=LOAD)]
+GpuLayers = Annotated[int, typer.Option("--gpu-layers", "-ngl", help="Layers to offload to the GPU (-1: all; "
+                                        "needs a GPU build).", rich_help_panel=LOAD)]
+FlashAttn = Annotated[bool, typer.Option("--flash-attn", "-fa", help="Use flash attention.", rich_help_panel=LOAD)]
+KvType = Annotated[str, typer.Option("--kv-type", help=f"KV-cache type: {', '.join(KV_TYPES)} "
+                                     "(q8_0/q4_0 need --flash-attn).", rich_help_panel=LOAD)]
+Mmap = Annotated[bool, typer.Option("--mmap/--no-mmap", help="Map the file instead of reading it into memory.",
+                                    rich_help_panel=LOAD)]
+Mlock = Annotated[bool, typer.Option("--mlock", help="Lock the weights in RAM (no swapping).", rich_help_panel=LOAD)]
+Template = Annotated[Path | None, typer.Option("--chat-template", help="Jinja chat template file to use instead "
+                                               "of the one in the GGUF.", rich_help_panel=LOAD)]
+TemplateKwargs = Annotated[str | None, typer.Option(
+    "--chat-template-kwargs", help='JSON object of extra template variables, e.g. \'{"enable_thinking": false}\'.')]
+Temp = Annotated[float | None, typer.Option("--temp", help="Temperature (default: the model's "
+                                            "general.sampling.temp, else 0.7).", rich_help_panel=SAMPLE)]
+TopP = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling (default 0.8).", rich_help_panel=SAMPLE)]
+TopK = Annotated[int | None, typer.Option("--top-k", help="Top-k sampling, 0 off (default 20).",
+                                          rich_help_panel=SAMPLE)]
+MinP = Annotated[float | None, typer.Option("--min-p", help="Min-p sampling (default 0).", rich_help_panel=SAMPLE)]
+RepeatPenalty = Annotated[float | None, typer.Option("--repeat-penalty", help="Repetition penalty (default 1, off).",
+                                                     rich_help_panel=SAMPLE)]
+Seed = Annotated[int | None, typer.Option("--seed", "-s", help="Random seed, for reproducible sampling.",
+                                          rich_help_panel=SAMPLE)]
+Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy decoding (temperature 0).", rich_help_panel=SAMPLE)]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _load(path: Path, ctx: int | None, threads: int | None, gpu_layers: int = 0, flash_attn: bool = False,
+          kv_type: str = "f16", mmap: bool = True, mlock: bool = False, template: Path | None = None,
+          vocab_only: bool = False) -> MarcoModel:
+    model = load_model(path, n_ctx=ctx, threads=threads, n_gpu_layers=gpu_layers, flash_attn=flash_attn,
+                       kv_type=kv_type, mmap=mmap, mlock=mlock, vocab_only=vocab_only)
+    if template is not None:
+        model.set_chat_template(template.read_text(encoding="utf-8"))
+    return model
+
+
+def _sampling(model: MarcoModel, temp: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
+              repeat_penalty: float | None, seed: int | None, greedy: bool, max_tokens: int | None) -> Sampling:
+    return model.sampling.replace(temperature=0.0 if greedy else temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                  repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
+
+
+def _template_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MarcoError(f"--chat-template-kwargs is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise MarcoError("--chat-template-kwargs must be a JSON object")
+    return value
+
+
+@command()
+def chat(
+    model_path: Model,
+    system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="Longest reply in tokens "
+                                                   "(default: until the end of the turn).")] = None,
+    ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
+    kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
+    chat_template_kwargs: TemplateKwargs = None,
+    temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
+    repeat_penalty: RepeatPenalty = None, seed: Seed = None, greedy: Greedy = False,
+) -> None:
+    """Chat with the model; replies stream as they are generated. /help lists the commands."""
+    from marco_gguf.runtime.chat import ChatSession, run_repl
+
+    kwargs = _template_kwargs(chat_template_kwargs)
+    model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template)
+    model.render([{"role": "user", "content": "hi"}], **kwargs)  # no template: fail now, not at the first message
+    session = ChatSession(model, system, _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy,
+                                                   max_tokens), kwargs)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err.print(f"[bold]{model.name}[/] ({model.n_ctx} tokens of context). /help for commands, Ctrl-D to leave.")
+
+    def lines() -> Any:
+        while True:
+            try:
+                yield input(">>> " if interactive else "")
+            except EOFError:
+                return
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    run_repl(session, lines(), write, lambda text: err.print(text, markup=False, highlight=False, soft_wrap=True))
+    model.close()
+
+
+@command()
+def run(
+    model_path: Model,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text; - reads it from stdin.")],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate at most.")] = 128,
+    as_chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message through the "
+                                          "chat template.")] = False,
+    as_json: Json = False,
+    ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
+    kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
+    chat_template_kwargs: TemplateKwargs = None,
+    temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
+    repeat_penalty: RepeatPenalty = None, seed: Seed = None, greedy: Greedy = False,
+) -> None:
+    """Generate once from a prompt; prompt and generation speed (tokens/s) go to stderr."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if max_tokens < 1:
+        raise typer.BadParameter("--max-tokens must be at least 1")
+    kwargs = _template_kwargs(chat_template_kwargs)
+    model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template)
+    sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy, max_tokens)
+    text = model.render([{"role": "user", "content": prompt}], **kwargs) if as_chat else prompt
+    stream = model.stream(text, sampling)
+    for piece in stream:
+        if not as_json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    c = stream.completion
+    assert c is not None
+    pps, gps = c.prompt_tokens_per_second, c.generation_tokens_per_second
+    if as_json:
+        print_json({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
+                    "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                    "prompt_tokens_per_second": pps, "generation_tokens_per_second": gps})
+    else:
+        sys.stdout.write("\n")
+    err.print(f"prompt: {c.prompt_tokens} tokens, {_rate(pps)}; generation: {c.completion_tokens} tokens, "
+              f"{_rate(gps)} ({c.finish_reason})", highlight=False)
+    model.close()
+
+
+def _rate(tps: float | None) -> str:
+    return f"{tps:.1f} tokens/s" if tps else "- tokens/s"
+
+
+@command()
+def tokenize(
+    model_path: Model,
+    text: Annotated[str | None, typer.Argument(help="Text to tokenize.", show_default=False)] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Tokenize each line of this file; "
+                                              "one id list per line.")] = None,
+    messages: Annotated[Path | None, typer.Option("--messages", "-m", help="JSON conversation (a message list, or "
+                                                  "an object with messages and optional tools) to render with the "
+                                                  "chat template and tokenize.")] = None,
+    generation_prompt: Annotated[bool | None, typer.Option(
+        "--add-generation-prompt/--no-add-generation-prompt",
+        help="With --messages: end with the assistant header (default: yes unless the last message is the "
+             "assistant's).")] = None,
+    split_special: Annotated[bool, typer.Option("--split-special", help="Treat control tokens in the text "
+                                                "(<|im_start|>, ...) as plain text.")] = False,
+    chat_template: Template = None,
+    chat_template_kwargs: TemplateKwargs = None,
+    as_json: Json = False,
+) -> None:
+    """Token ids exactly as the runtime makes them (NFC-normalised, Hugging Face-compatible)."""
+    if sum(x is not None for x in (text, file, messages)) != 1:
+        raise typer.BadParameter("give exactly one of TEXT, --file or --messages")
+    model = _load(model_path, None, None, template=chat_template, vocab_only=True)
+    special = not split_special
+    if messages is not None:
+        conv = _read_conversation(messages)
+        add = generation_prompt if generation_prompt is not None else conv.get(
+            "add_generation_prompt", conv["messages"][-1].get("role") != "assistant")
+        kwargs = conv.get("chat_template_kwargs", {}) | _template_kwargs(chat_template_kwargs)
+        prompt = model.render(conv["messages"], tools=conv.get("tools"), add_generation_prompt=add, **kwargs)
+        ids = model.tokenize(prompt, special=True)
+        if as_json:
+            print_json({"prompt": prompt, "ids": ids})
+        else:
+            console.file.write(prompt + "\n" + " ".join(map(str, ids)) + "\n")
+    elif file is not None:
+        lines = file.read_text(encoding="utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        out = []
+        for line in lines:
+            ids = model.tokenize(line.removesuffix("\r"), special=special)
+            out.append(json.dumps(ids) if as_json else " ".join(map(str, ids)))
+        console.file.write("".join(line + "\n" for line in out))
+    else:
+        ids = model.tokenize(text, special=special)
+        if as_json:
+            print_json({"text": text, "ids": ids, "tokens": [model.vocab.text(i) for i in ids]})
+        else:
+            console.file.write(" ".join(map(str, ids)) + "\n")
+
+
+def _read_conversation(path: Path) -> dict[str, Any]:
+    """{"messages": [...], ...} from a JSON file holding a message list or an object with "messages"."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MarcoError(f"{path} is not valid JSON: {exc}") from None
+    conv = {"messages": data} if isinstance(data, list) else data
+    if not isinstance(conv, dict) or not isinstance(conv.get("messages"), list) or not conv["messages"] \
+            or not all(isinstance(m, dict) for m in conv["messages"]):
+        raise MarcoError(f"{path} must hold a non-empty list of messages, or an object with one under \"messages\"")
+    return conv
+
+
+@command()
+def serve(
+    model_path: Model,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (other than loopback "
+                                      "needs --api-key).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="MARCO_GGUF_API_KEY",
+                                                help="Require this key (Authorization: Bearer KEY).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model id the API reports (default: the "
+                                             "model's name).")] = None,
+    ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
+    kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
+    chat_template_kwargs: TemplateKwargs = None,
+    temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
+    repeat_penalty: RepeatPenalty = None, seed: Seed = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from marco_gguf.runtime import server
+
+    server.require_packages()
+    server.check_host(host, api_key)
+    kwargs = _template_kwargs(chat_template_kwargs)
+    sock = server.bind(host, port)
+    model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template)
+    model.sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, False, None)
+    app = server.create_app(model, name, api_key, kwargs)
+    where = sock.getsockname()
+    err.print(f"serving [bold]{name or model.name}[/] at http://{host}:{where[1]}/v1 "
+              f"({model.n_ctx} tokens of context); Ctrl-C stops", highlight=False)
+    server.make_server(app, sock, log_level="warning").run(sockets=[sock])
+    model.close()
