@@ -6,6 +6,7 @@ real bundled tokenizer, saved in each variant the converter must read, and conve
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -45,6 +46,8 @@ def build_model(seed: int = 0, dtype=torch.bfloat16, **overrides):
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif "mlp.gate" in name:  # a decisive router, as trained models have: routing ties are rare
+                p.copy_(8 * torch.randn_like(p) / p.shape[-1] ** 0.5)
             elif "embed_tokens" in name or "lm_head" in name:
                 p.copy_(0.05 * torch.randn_like(p))
             else:
@@ -55,8 +58,7 @@ def build_model(seed: int = 0, dtype=torch.bfloat16, **overrides):
 
 def save_per_expert(model, folder: Path, dtype=torch.bfloat16) -> Path:
     """transformers' own save_pretrained: one 2-D tensor per expert, one file, template in tokenizer_config."""
-    model.to(dtype).save_pretrained(folder)
-    model.float()
+    copy.deepcopy(model).to(dtype).save_pretrained(folder)  # a copy: .to() would round the RoPE buffers too
     copy_tokenizer(folder)
     return folder
 
@@ -75,7 +77,7 @@ def save_fused(model, folder: Path, dtype=torch.float16, shards: int = 2) -> Pat
         save_file(part, str(folder / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config = model.config.to_dict()
+    config = model.config.to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]}
     config["num_experts"] = config.pop("num_local_experts", config.get("num_experts"))
     config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
     config.pop("dtype", None)

@@ -51,11 +51,13 @@ def convert(src: str | Path, out: Path, recipe: Recipe, threads: int | None = No
         meta = model_metadata(ckpt.path, hp, ckpt.config)
         jobs = [TensorJob(p.name, p.shape, p.source, recipe.type_for(p.name, p.shape, hp.n_layer, hp.tied))
                 for p in plan_tensors(arch, hp, ckpt)]
+        from marco_gguf.quantize.imatrix import attach_imatrix, check_imatrix_needed
         if imatrix is not None:
-            from marco_gguf.quantize.imatrix import attach_imatrix
             attach_imatrix(jobs, imatrix)
+        check_imatrix_needed(jobs, imatrix)
 
         def header(w: gguf.GGUFWriter) -> None:
+            w.add_type(gguf.GGUFType.MODEL)
             meta.set_gguf_meta_model(w)
             arch.write_hparams(w, hp)
             w.add_file_type(int(recipe.file_type))

@@ -194,6 +194,7 @@ class Architecture:
 
     name: str
     hf_architectures: tuple[str, ...]
+    model_types: tuple[str, ...]  # matched when config.json lists no architectures
     gguf_arch: gguf.MODEL_ARCH
     read_hparams: Callable[[dict], HParams]
     write_hparams: Callable[[gguf.GGUFWriter, HParams], None]
@@ -209,6 +210,7 @@ ARCHITECTURES = (
     Architecture(
         name="Marco-MoE (Qwen3-MoE)",
         hf_architectures=("Qwen3MoeForCausalLM",),
+        model_types=("qwen3_moe",),
         gguf_arch=gguf.MODEL_ARCH.QWEN3MOE,
         read_hparams=read_qwen3moe_hparams,
         write_hparams=write_qwen3moe_hparams,
@@ -223,6 +225,8 @@ def find_architecture(config: dict) -> Architecture:
     declared = config.get("architectures") or []
     for arch in ARCHITECTURES:
         if any(a in arch.hf_architectures for a in declared):
+            return arch
+        if not declared and config.get("model_type") in arch.model_types:
             return arch
     what = ", ".join(declared) if declared else f"model_type {config.get('model_type')!r}"
     known = ", ".join(a for arch in ARCHITECTURES for a in arch.hf_architectures)

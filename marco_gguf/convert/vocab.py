@@ -94,5 +94,6 @@ def load_vocab(folder: Path, vocab_size: int, pre: str) -> Vocab:
     special_vocab = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
     if not special_vocab.merges:
         raise MarcoError("tokenizer.json has no BPE merges")
-    special_vocab.add_special_token.setdefault("bos", False)  # Qwen tokenizers never prepend BOS
+    for typ in ("bos", "eos"):  # Qwen tokenizers add neither; llama.cpp's converter writes both flags
+        special_vocab.add_special_token.setdefault(typ, False)
     return Vocab(tokens, types, special_vocab, pre)

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from marco_gguf.errors import MarcoError
+from marco_gguf.native import ggml_base
 
 # Types ggml_quantize_chunk accepts as a destination (ggml.c); float types pass through it too.
 QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -40,21 +38,9 @@ class _TypeTraits(ctypes.Structure):
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
-def _library_file() -> Path:
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        raise MarcoError("llama-cpp-python is not installed; see the README for the install command")
-    libdir = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    names = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
-    path = libdir / names.get(sys.platform, "libggml-base.so")
-    if not path.exists():
-        raise MarcoError(f"llama-cpp-python has no {path.name} in {libdir}; reinstall it from source")
-    return path
-
-
 @functools.cache
 def lib() -> ctypes.CDLL:
-    so = ctypes.CDLL(str(_library_file()))
+    so = ggml_base()
     i64, sz, vp, fp = ctypes.c_int64, ctypes.c_size_t, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float)
     so.ggml_quantize_chunk.argtypes = [ctypes.c_int, fp, vp, i64, i64, i64, fp]
     so.ggml_quantize_chunk.restype = sz

@@ -1,0 +1,29 @@
+"""The ggml base library that llama-cpp-python ships (quantization kernels and the GGUF parser)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+
+from marco_gguf.errors import MarcoError
+
+LIBRARY_NAMES = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
+
+
+def library_dir() -> Path:
+    """llama_cpp/lib of the installed llama-cpp-python."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise MarcoError("llama-cpp-python is not installed; see the README for the install command")
+    return Path(next(iter(spec.submodule_search_locations))) / "lib"
+
+
+@functools.cache
+def ggml_base() -> ctypes.CDLL:
+    path = library_dir() / LIBRARY_NAMES.get(sys.platform, "libggml-base.so")
+    if not path.exists():
+        raise MarcoError(f"llama-cpp-python has no {path.name} in {path.parent}; reinstall it from source")
+    return ctypes.CDLL(str(path))
