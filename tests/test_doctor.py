@@ -1,0 +1,120 @@
+"""`marco-gguf doctor`: the installed build as llama.cpp reports it, a crash probe in a child process, the
+memory a model needs (checked against llama.cpp's own KV-cache and compute-buffer sizes), and advice."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+
+import llama_cpp
+import pytest
+from typer.testing import CliRunner
+
+from marco_gguf.cli import app
+from marco_gguf.runtime.doctor import (
+    Host,
+    advise,
+    best_profile,
+    build_command_for,
+    explain_crash,
+    model_fit,
+    parse_system_info,
+    run_probe,
+)
+
+
+@contextlib.contextmanager
+def llama_log():
+    """Every line llama.cpp logs (all levels) while the block runs."""
+    from llama_cpp._logger import llama_log_callback
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(collect, None)
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(llama_log_callback, None)
+
+
+def mib(log: list[str], pattern: str) -> float:
+    (value,) = [float(m.group(1)) for line in log if (m := re.search(pattern, line))]
+    return value
+
+
+def test_doctor_reports_the_installed_build_and_the_model_fit(tiny_f32, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the probe model is made afresh
+    result = CliRunner().invoke(app, ["doctor", "--model", str(tiny_f32), "--ctx", "512", "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert r["llama_cpp"]["version"] == llama_cpp.__version__
+    assert r["llama_cpp"]["features"] == parse_system_info(llama_cpp.llama_print_system_info().decode())
+    assert "CPU" in r["llama_cpp"]["backends"] and r["llama_cpp"]["devices"][0]["type"] == "CPU"
+    assert r["probe"]["ok"] and r["probe"]["tokens"] > 8 and r["problems"] == []
+    assert list(tmp_path.glob("marco-gguf/doctor-probe-*.gguf"))
+
+    # llama.cpp's own accounting for the same file and context is the referee
+    fit = r["model"]
+    with llama_log() as log:
+        llm = llama_cpp.Llama(str(tiny_f32), n_ctx=512, n_batch=512, verbose=True)
+        llm.close()
+    assert fit["kv_cache"] / 2**20 == pytest.approx(mib(log, r"llama_kv_cache: size =\s+([\d.]+) MiB"), abs=0.01)
+    assert fit["compute"] / 2**20 >= mib(log, r"CPU compute buffer size =\s+([\d.]+) MiB")
+    assert fit["weights"] <= tiny_f32.stat().st_size < fit["weights"] + 16 * 2**20
+    assert fit["need"] == fit["weights"] + fit["kv_cache"] + fit["compute"] and fit["fits_in_ram"]
+
+    text = CliRunner().invoke(app, ["doctor"], env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert text.exit_code == 0 and "prompt processing works" in text.stdout
+
+
+def test_a_model_larger_than_memory_is_a_problem(tiny_f32):
+    host = Host("Linux", "x86_64", ["avx2"], memory_total=2**30, memory_available=2**20)
+    fit = model_fit(tiny_f32, 4096, host, gpus=[])
+    assert fit["fits_in_ram"] is False and "gpu_free" not in fit
+    gpu = model_fit(tiny_f32, 4096, host, gpus=[{"memory_free": fit["need"] - fit["experts"] // 2}])
+    assert gpu["fits_on_gpu"] is False and gpu["gpu_need_experts_on_cpu"] == fit["need"] - fit["experts"]
+
+
+def test_a_sigill_in_the_probe_is_explained_with_the_fix():
+    probe = run_probe([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"])
+    assert probe == {"ok": False, "returncode": -4, "signal": "SIGILL", "message": "killed by SIGILL"}
+    flags = ["avx", "avx2", "fma", "f16c", "avx512f", "amx_int8", "amx_tile"]
+    host = Host("Linux", "x86_64", flags)
+    amx_build = parse_system_info("CPU : AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 | OPENMP = 1 |")
+    assert "AMX" in explain_crash(probe, amx_build, host)
+    advice = advise(host, amx_build, ["CPU"], crashed=True)
+    assert advice.profile == "cpu" and build_command_for(advice)[0] == "marco-gguf build-runtime --profile cpu"
+    avx2_host = Host("Linux", "x86_64", ["avx", "avx2", "fma", "f16c"])
+    assert "AVX-512" in explain_crash(probe, parse_system_info("CPU : AVX2 = 1 | AVX512 = 1 |"), avx2_host)
+    assert run_probe([sys.executable, "-c", "raise SystemExit('boom')"])["message"] == "exit code 1: boom"
+
+
+@pytest.mark.parametrize("host, build, profile, defines", [
+    (Host("Darwin", "arm64", []), "CPU : NEON = 1 |", "metal", []),
+    (Host("Linux", "x86_64", ["avx2", "fma", "f16c", "avx512f"], nvidia=[{"name": "RTX 4070", "compute_cap": "8.9",
+                                                                           "memory": 8 << 30}]),
+     "CPU : AVX2 = 1 |", "cuda", ["CMAKE_CUDA_ARCHITECTURES=89", "GGML_AVX512=ON"]),
+    (Host("Linux", "x86_64", ["avx2", "fma", "f16c"], vulkan=True), "CPU : AVX2 = 1 |", "vulkan", []),
+    (Host("Linux", "aarch64", ["asimd", "asimddp", "i8mm"]), "CPU : NEON = 1 |", "linux-arm64",
+     ["GGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16+i8mm"]),
+    (Host("Linux", "x86_64", ["avx2", "fma", "f16c"]), "CPU : AVX2 = 1 | AVX512 = 1 |", "cpu-avx2", []),
+    (Host("Linux", "x86_64", ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512vbmi"]),
+     "CPU : AVX2 = 1 | AVX512 = 1 |", "cpu-avx512", []),
+])
+def test_advice_names_the_build_for_the_hardware(host, build, profile, defines):
+    advice = advise(host, parse_system_info(build), ["CPU"], crashed=False)
+    assert (advice.profile, advice.defines) == (profile, defines)
+
+
+def test_no_advice_when_the_build_already_fits():
+    cuda = Host("Linux", "x86_64", ["avx2"], nvidia=[{"name": "H100", "compute_cap": "9.0", "memory": 80 << 30}])
+    assert advise(cuda, parse_system_info("CPU : AVX2 = 1 | CUDA : ARCHS = 900 |"), ["CUDA", "CPU"], False) is None
+    avx2 = Host("Linux", "x86_64", ["avx2", "fma", "f16c"])
+    assert advise(avx2, parse_system_info("CPU : AVX2 = 1 | FMA = 1 |"), ["CPU"], False) is None
+    assert best_profile(Host("Linux", "riscv64", [])) is None
