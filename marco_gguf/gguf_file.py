@@ -49,7 +49,7 @@ def _lib() -> ctypes.CDLL:
         "gguf_get_tensor_offset": ([ctx, i64], sz), "gguf_get_tensor_size": ([ctx, i64], sz),
         "gguf_get_tensor_ne": ([ctx, i64], ctypes.POINTER(i64)), "gguf_get_data_offset": ([ctx], sz),
     }
-    for name, (ctype_name, ctype) in SCALAR_GETTERS.items():
+    for ctype_name, ctype in SCALAR_GETTERS.values():
         sigs[f"gguf_get_val_{ctype_name}"] = ([ctx, i64], ctype)
     for fn, (args, res) in sigs.items():
         getattr(so, fn).argtypes = args
@@ -85,7 +85,8 @@ class GGUFFile:
         if not ctx:
             raise MarcoError(f"{self.path} is a damaged GGUF file (llama.cpp cannot parse its header)")
         try:
-            self.fields = {lib.gguf_get_key(ctx, i).decode(): _value(lib, ctx, i) for i in range(lib.gguf_get_n_kv(ctx))}
+            self.fields = {lib.gguf_get_key(ctx, i).decode(): _value(lib, ctx, i)
+                           for i in range(lib.gguf_get_n_kv(ctx))}
             data_offset = lib.gguf_get_data_offset(ctx)
             self.tensors = [_tensor(lib, ctx, i, data_offset) for i in range(lib.gguf_get_n_tensors(ctx))]
         finally:

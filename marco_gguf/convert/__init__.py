@@ -67,10 +67,10 @@ def convert(src: str | Path, out: Path, recipe: Recipe, threads: int | None = No
             w.add_string(RECIPE_KEY, recipe.to_toml())
 
         total = sum(j.nbytes for j in jobs)
-        with atomic_output(Path(out), force, needed=total + (64 << 20)) as tmp:
-            with byte_progress(sum(j.source_nbytes for j in jobs), f"converting to {recipe.name}",
-                               progress) as advance:
-                write_gguf(tmp, header, jobs, arch.gguf_arch_name, threads or default_threads(), advance)
+        source_bytes = sum(j.source_nbytes for j in jobs)
+        with (atomic_output(Path(out), force, needed=total + (64 << 20)) as tmp,
+              byte_progress(source_bytes, f"converting to {recipe.name}", progress) as advance):
+            write_gguf(tmp, header, jobs, arch.gguf_arch_name, threads or default_threads(), advance)
         return Result(Path(out), hp, jobs, meta.size_label)
     finally:
         ckpt.close()

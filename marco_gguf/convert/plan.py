@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType as T
 from gguf import MODEL_TENSOR as MT
+from gguf import GGMLQuantizationType as T
 
 from marco_gguf.convert.checkpoint import Checkpoint, StoredTensor
 from marco_gguf.convert.registry import Architecture, HParams
