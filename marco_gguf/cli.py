@@ -18,46 +18,140 @@ Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
+Preset = Annotated[str | None, typer.Option("--quant", "-q", help="Quantization preset: Q8_0 Q6_K Q5_K_M Q5_K_S "
+                                          "Q4_K_M Q4_K_S Q3_K_M Q2_K IQ4_XS IQ3_M IQ2_M.")]
+TensorTypes = Annotated[list[str] | None, typer.Option(
+    "--tensor-type", help="Override: PATTERN=TYPE (regex searched in GGUF tensor names, as llama-quantize); "
+                          "repeatable, first match wins.")]
+RecipeFile = Annotated[Path | None, typer.Option("--recipe", help="A whole recipe table from a TOML file.")]
+Imatrix = Annotated[Path | None, typer.Option("--imatrix", help="Importance matrix (llama.cpp GGUF or .dat format), "
+                                              "from `marco-gguf imatrix` or llama-imatrix.")]
+MaxSize = Annotated[str | None, typer.Option("--max-size", help="Re-choose types so the file fits, e.g. 3.5GB.")]
+FitRam = Annotated[str | None, typer.Option("--fit-ram", help="Re-choose types so file + KV cache for --ctx + "
+                                            "llama.cpp's buffers fit this RAM, e.g. 6GB.")]
+Ctx = Annotated[int, typer.Option("--ctx", help="Context length --fit-ram plans the KV cache for.")]
+
+
+def _recipe(preset_name: str | None, recipe_file: Path | None, tensor_types: list[str] | None,
+            default: str | None = None):
+    """The recipe the options describe: a preset or a TOML table, plus --tensor-type overrides."""
+    from marco_gguf.quantize.recipe import load_recipe, preset, uniform
+
+    if preset_name and recipe_file:
+        raise typer.BadParameter("give either a preset or --recipe, not both")
+    if recipe_file:
+        base = load_recipe(recipe_file)
+    elif preset_name:
+        base = uniform(preset_name) if preset_name.lower() in OUTTYPES[:3] else preset(preset_name)
+    elif default:
+        base = uniform(default)
+    elif tensor_types:
+        raise typer.BadParameter("--tensor-type needs a preset, --outtype or --recipe to override")
+    else:
+        return None
+    return base.with_overrides(tensor_types or [])
+
+
+def _budget(max_size: str | None, fit_ram: str | None, ctx: int):
+    from marco_gguf.files import parse_size
+    from marco_gguf.quantize.planner import Budget
+
+    if max_size and fit_ram:
+        raise typer.BadParameter("give either --max-size or --fit-ram, not both")
+    if not (max_size or fit_ram):
+        return None
+    return Budget(max_size=parse_size(max_size) if max_size else None,
+                  fit_ram=parse_size(fit_ram) if fit_ram else None, ctx=ctx)
+
+
+def _print_plan(recipe, classes) -> None:
+    table = Table("class", "type", "tensors", "weights", "bytes", "bpw", "error", title=f"plan {recipe.name}",
+                  caption="error: relative RMS error of sampled rows")
+    for c in sorted(classes, key=lambda c: -c.options[0][1]):
+        t, size, error = c.options[0]
+        table.add_row(c.cls, t.name, str(len(c.jobs)), f"{c.n_weights:,}", format_bytes(size),
+                      f"{8 * size / c.n_weights:.2f}", f"{error:.4f}")
+    console.print(table)
+
+
+def _load_imatrix(path: Path | None):
+    from marco_gguf.quantize.imatrix import load_imatrix
+
+    return None if path is None else load_imatrix(path)
+
+
+def _report(out: Path, recipe, jobs, as_json: bool, **extra) -> None:
+    weights = sum(j.n_rows * j.row_len for j in jobs)
+    summary = {"output": str(out), "recipe": recipe.name, "bytes": out.stat().st_size, "tensors": len(jobs),
+               "bpw": 8 * sum(j.nbytes for j in jobs) / weights, **extra}
+    if as_json:
+        print_json(summary)
+    else:
+        details = ", ".join(str(v) for v in extra.values())
+        console.print(f"wrote {out} ({format_bytes(summary['bytes'])}, {recipe.name}, {summary['bpw']:.2f} bits per "
+                      f"weight{', ' + details if details else ''}, {len(jobs)} tensors)")
+
+
 @command()
 def convert(
     src: Annotated[str, typer.Argument(help="Checkpoint folder (or a Hub id such as AIDC-AI/Marco-Nano-Instruct).")],
     out: Annotated[Path, typer.Option("--output", "-o", help="GGUF file to write.")],
     outtype: Annotated[str | None, typer.Option(help="Unquantized output type: f32, f16, bf16 or q8_0 "
                                                      "(default: the checkpoint's dtype).")] = None,
-    quant: Annotated[str | None, typer.Option("--quant", "-q", help="Quantization preset, e.g. Q4_K_M.")] = None,
+    quant: Preset = None,
+    tensor_type: TensorTypes = None,
+    recipe_file: RecipeFile = None,
+    imatrix: Imatrix = None,
+    max_size: MaxSize = None,
+    fit_ram: FitRam = None,
+    ctx: Ctx = 4096,
     threads: Threads = None,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
-    """Convert a Marco checkpoint folder to GGUF in one streaming pass."""
+    """Convert a Marco checkpoint folder to GGUF in one streaming pass, quantizing on the way with --quant."""
     from marco_gguf.convert import convert as run_convert
-    from marco_gguf.quantize.recipe import preset, uniform
 
-    if quant and outtype:
-        raise typer.BadParameter("give either --outtype or --quant, not both")
+    if outtype and (quant or recipe_file):
+        raise typer.BadParameter("give either --outtype or --quant/--recipe, not both")
     if outtype and outtype.lower() not in OUTTYPES:
         raise typer.BadParameter(f"--outtype must be one of {', '.join(OUTTYPES)}")
-    recipe = preset(quant) if quant else uniform(outtype or _checkpoint_dtype(src))
-    result = run_convert(src, out, recipe, threads=threads, force=force, progress=not as_json)
-    summary = {"output": str(out), "recipe": recipe.name, "size_label": result.size_label,
-               "bytes": out.stat().st_size, "tensors": len(result.jobs)}
-    if as_json:
-        print_json(summary)
-    else:
-        console.print(f"wrote {out} ({format_bytes(summary['bytes'])}, {recipe.name}, "
-                      f"{result.size_label}, {len(result.jobs)} tensors)")
+    recipe = _recipe(quant, recipe_file, tensor_type, default=outtype)
+    budget = _budget(max_size, fit_ram, ctx)
+    result = run_convert(src, out, recipe, threads=threads, force=force, imatrix=_load_imatrix(imatrix),
+                         progress=not as_json, budget=budget, on_plan=None if as_json else _print_plan)
+    _report(out, result.recipe, result.jobs, as_json, size_label=result.size_label)
 
 
-def _checkpoint_dtype(src: str) -> str:
-    """The checkpoint's own float type (config dtype / torch_dtype), bf16 if it does not say."""
-    import json
+@command()
+def quantize(
+    src: Annotated[Path, typer.Argument(help="f32, f16 or bf16 GGUF file.")],
+    out: Annotated[Path, typer.Argument(help="GGUF file to write.")],
+    quant: Annotated[str | None, typer.Argument(help="Preset (Q4_K_M, ...); optional with --recipe.")] = None,
+    tensor_type: TensorTypes = None,
+    recipe_file: RecipeFile = None,
+    imatrix: Imatrix = None,
+    max_size: MaxSize = None,
+    fit_ram: FitRam = None,
+    ctx: Ctx = 4096,
+    allow_requantize: Annotated[bool, typer.Option(help="Accept an already quantized input.")] = False,
+    threads: Threads = None,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Quantize an f32/f16/bf16 GGUF file with a Marco-aware preset."""
+    from marco_gguf.convert import default_threads
+    from marco_gguf.quantize.from_gguf import quantize_file
 
-    try:
-        config = json.loads((Path(src) / "config.json").read_text())
-    except (OSError, ValueError):
-        return "bf16"  # convert() reports the missing or broken config in its own words
-    dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
-    return {"float32": "f32", "float16": "f16"}.get(dtype, "bf16")
+    recipe = _recipe(quant, recipe_file, tensor_type)
+    if recipe is None:
+        raise typer.BadParameter("name a preset (e.g. Q4_K_M) or give --recipe")
+    if src.resolve() == out.resolve():
+        raise typer.BadParameter("the output must be another file than the input")
+    recipe, jobs = quantize_file(src, out, recipe, threads or default_threads(), force, allow_requantize,
+                                 _load_imatrix(imatrix), progress=not as_json, budget=_budget(max_size, fit_ram, ctx),
+                                 on_plan=None if as_json else _print_plan)
+    _report(out, recipe, jobs, as_json)
 
 
 @command()
@@ -112,6 +206,8 @@ def demo(
         run_demo(Path(tmp), threads, force)
 
 
+import marco_gguf.calibrate.commands  # noqa: E402,F401  (registers imatrix, verify)
+import marco_gguf.runtime.commands  # noqa: E402,F401  (registers chat, run, tokenize, serve)
 import marco_gguf.runtime.device_commands  # noqa: E402,F401  (registers build-runtime, doctor, bench)
 
 

@@ -71,7 +71,7 @@ class TensorInfo:
 
 
 class GGUFFile:
-    """Metadata (scalars, strings, arrays) and tensor directory of a GGUF file."""
+    """Metadata (scalars, strings, arrays) with their GGUF types, and the tensor directory of a GGUF file."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -85,8 +85,9 @@ class GGUFFile:
         if not ctx:
             raise MarcoError(f"{self.path} is a damaged GGUF file (llama.cpp cannot parse its header)")
         try:
-            self.fields = {lib.gguf_get_key(ctx, i).decode(): _value(lib, ctx, i)
-                           for i in range(lib.gguf_get_n_kv(ctx))}
+            keys = [lib.gguf_get_key(ctx, i).decode() for i in range(lib.gguf_get_n_kv(ctx))]
+            self.fields = {key: _value(lib, ctx, i) for i, key in enumerate(keys)}
+            self.types = {key: _types(lib, ctx, i) for i, key in enumerate(keys)}
             data_offset = lib.gguf_get_data_offset(ctx)
             self.tensors = [_tensor(lib, ctx, i, data_offset) for i in range(lib.gguf_get_n_tensors(ctx))]
         finally:
@@ -108,6 +109,12 @@ class GGUFFile:
     def data(self, t: TensorInfo) -> np.ndarray:
         """The tensor's raw bytes, memory-mapped (read-only)."""
         return np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,))
+
+
+def _types(lib: ctypes.CDLL, ctx: int, i: int) -> tuple[GGUFValueType, GGUFValueType | None]:
+    """(value type, element type for arrays)."""
+    vtype = V(lib.gguf_get_kv_type(ctx, i))
+    return vtype, V(lib.gguf_get_arr_type(ctx, i)) if vtype == V.ARRAY else None
 
 
 def _value(lib: ctypes.CDLL, ctx: int, i: int) -> Any:

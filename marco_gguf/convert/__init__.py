@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-from marco_gguf import __version__
 from marco_gguf.convert.checkpoint import Checkpoint, resolve_source
 from marco_gguf.convert.metadata import model_metadata
 from marco_gguf.convert.plan import plan_tensors
 from marco_gguf.convert.registry import HParams, find_architecture
 from marco_gguf.convert.vocab import load_vocab
-from marco_gguf.files import atomic_output
-from marco_gguf.quantize.recipe import Recipe
-from marco_gguf.quantize.stream import TensorJob, write_gguf
-from marco_gguf.ui import byte_progress
+from marco_gguf.quantize.imatrix import attach_imatrix
+from marco_gguf.quantize.output import write_model_file
+from marco_gguf.quantize.planner import Budget, ClassInfo, fit_to_budget
+from marco_gguf.quantize.recipe import Recipe, uniform
+from marco_gguf.quantize.stream import TensorJob, overhead_bytes
 
-RECIPE_KEY = "marco_gguf.recipe"
-VERSION_KEY = "marco_gguf.version"
+OWN_TYPE = {"float32": "F32", "float16": "F16"}  # config dtype -> output type; bf16 otherwise
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Result:
     hparams: HParams
     jobs: list[TensorJob]
     size_label: str
+    recipe: Recipe
 
     @property
     def nbytes(self) -> int:
@@ -40,37 +41,40 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def convert(src: str | Path, out: Path, recipe: Recipe, threads: int | None = None, force: bool = False,
-            imatrix: dict[str, np.ndarray] | None = None, progress: bool = True) -> Result:
-    """Convert (and quantize, per `recipe`) a checkpoint folder into a GGUF file at `out`."""
+def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: int | None = None, force: bool = False,
+            imatrix: dict[str, np.ndarray] | None = None, progress: bool = True, budget: Budget | None = None,
+            on_plan: Callable[[Recipe, list[ClassInfo]], None] | None = None) -> Result:
+    """Convert (and quantize, per `recipe`) a checkpoint folder into a GGUF file at `out`.
+
+    Without a recipe every matrix keeps the checkpoint's own float type. With a `budget`, the recipe's
+    class types are re-chosen to fit it; `on_plan` sees the plan first.
+    """
     ckpt = Checkpoint.open(resolve_source(str(src)))
     try:
         arch = find_architecture(ckpt.config)
         hp = arch.read_hparams(ckpt.config)
         vocab = load_vocab(ckpt.path, hp.vocab_size, arch.pre_tokenizer)
         meta = model_metadata(ckpt.path, hp, ckpt.config)
+        recipe = recipe or uniform(OWN_TYPE.get(str(hp.dtype), "BF16"))
         jobs = [TensorJob(p.name, p.shape, p.source, recipe.type_for(p.name, p.shape, hp.n_layer, hp.tied))
                 for p in plan_tensors(arch, hp, ckpt)]
-        from marco_gguf.quantize.imatrix import attach_imatrix, check_imatrix_needed
         if imatrix is not None:
             attach_imatrix(jobs, imatrix)
-        check_imatrix_needed(jobs, imatrix)
 
         def header(w: gguf.GGUFWriter) -> None:
             w.add_type(gguf.GGUFType.MODEL)
             meta.set_gguf_meta_model(w)
             arch.write_hparams(w, hp)
-            w.add_file_type(int(recipe.file_type))
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             vocab.write(w)
-            w.add_string(VERSION_KEY, __version__)
-            w.add_string(RECIPE_KEY, recipe.to_toml())
 
-        total = sum(j.nbytes for j in jobs)
-        source_bytes = sum(j.source_nbytes for j in jobs)
-        with (atomic_output(Path(out), force, needed=total + (64 << 20)) as tmp,
-              byte_progress(source_bytes, f"converting to {recipe.name}", progress) as advance):
-            write_gguf(tmp, header, jobs, arch.gguf_arch_name, threads or default_threads(), advance)
-        return Result(Path(out), hp, jobs, meta.size_label)
+        if budget is not None:
+            limit = budget.file_bytes(hp.kv_cache_bytes(budget.ctx), hp.vocab_size)
+            recipe, classes = fit_to_budget(jobs, recipe, limit, overhead_bytes(header, jobs, arch.gguf_arch_name),
+                                            hp.n_layer, hp.tied, hp.n_expert, hp.n_expert_used)
+            if on_plan is not None:
+                on_plan(recipe, classes)
+        write_model_file(Path(out), header, jobs, arch.gguf_arch_name, recipe, threads or default_threads(), force,
+                         imatrix, progress)
+        return Result(Path(out), hp, jobs, meta.size_label, recipe)
     finally:
         ckpt.close()

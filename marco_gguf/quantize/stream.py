@@ -9,6 +9,7 @@ and memory stays at about two tensors' output plus one chunk per thread.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -97,12 +98,8 @@ def _run_chunk(job: TensorJob, out: np.ndarray, first: int, n: int) -> int:
     return n * job.row_len
 
 
-def write_gguf(path: Path, header: Callable[[gguf.GGUFWriter], None], jobs: list[TensorJob], arch: str,
-               threads: int, on_progress: Callable[[int], None] = lambda n: None) -> None:
-    """Write a GGUF file: `header` adds the metadata, then every job's tensor in order.
-
-    `on_progress` receives the number of source bytes finished after each chunk.
-    """
+def _start(path: Path, header: Callable[[gguf.GGUFWriter], None], jobs: list[TensorJob], arch: str) -> gguf.GGUFWriter:
+    """A writer with the header, metadata and tensor directory written: ready for the tensor data."""
     w = gguf.GGUFWriter(path, arch)
     header(w)
     for job in jobs:
@@ -110,7 +107,25 @@ def write_gguf(path: Path, header: Callable[[gguf.GGUFWriter], None], jobs: list
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
+    return w
 
+
+def overhead_bytes(header: Callable[[gguf.GGUFWriter], None], jobs: list[TensorJob], arch: str) -> int:
+    """Bytes a file takes beyond its tensor data: header, metadata, tensor directory, alignment padding,
+    and 4 KiB for the recipe keys added when the file is written."""
+    with tempfile.TemporaryDirectory() as tmp:
+        w = _start(Path(tmp) / "header.gguf", header, jobs, arch)
+        w.close()
+        return (Path(tmp) / "header.gguf").stat().st_size + len(jobs) * gguf.GGUF_DEFAULT_ALIGNMENT + 4096
+
+
+def write_gguf(path: Path, header: Callable[[gguf.GGUFWriter], None], jobs: list[TensorJob], arch: str,
+               threads: int, on_progress: Callable[[int], None] = lambda n: None) -> None:
+    """Write a GGUF file: `header` adds the metadata, then every job's tensor in order.
+
+    `on_progress` receives the number of source bytes finished after each chunk.
+    """
+    w = _start(path, header, jobs, arch)
     in_flight: deque[tuple[np.ndarray, list[Future]]] = deque()
 
     def drain(keep: int) -> None:

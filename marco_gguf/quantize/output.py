@@ -1,0 +1,47 @@
+"""Write a model file: the recipe's metadata, importance data, a safe destination and a progress bar."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import numpy as np
+from rich.markup import escape
+
+from marco_gguf import __version__
+from marco_gguf.files import atomic_output
+from marco_gguf.quantize.imatrix import check_imatrix_needed
+from marco_gguf.quantize.recipe import Recipe
+from marco_gguf.quantize.stream import TensorJob, write_gguf
+from marco_gguf.ui import byte_progress, err
+
+RECIPE_KEY = "marco_gguf.recipe"
+VERSION_KEY = "marco_gguf.version"
+HEADER_MARGIN = 64 << 20  # metadata (vocabulary, merges) and alignment padding on top of the tensors
+
+
+def write_model_file(out: Path, header: Callable[[gguf.GGUFWriter], None], jobs: list[TensorJob], arch: str,
+                     recipe: Recipe, threads: int, force: bool, imatrix: dict[str, np.ndarray] | None,
+                     progress: bool) -> None:
+    """Write `jobs` to `out` atomically, after `header`'s metadata and the recipe's own keys.
+
+    Jobs carry their importance rows already (attach_imatrix); types that need them are refused without.
+    """
+    check_imatrix_needed(jobs, imatrix)
+    for pattern, type_name in recipe.overrides:
+        if not any(re.search(pattern, j.name) for j in jobs):
+            err.print(f"[yellow]warning:[/] --tensor-type {escape(pattern)}={type_name} matches no tensor", highlight=False)
+
+    def full_header(w: gguf.GGUFWriter) -> None:
+        header(w)
+        w.add_file_type(int(recipe.file_type))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_string(VERSION_KEY, __version__)
+        w.add_string(RECIPE_KEY, recipe.to_toml())
+
+    needed = sum(j.nbytes for j in jobs) + HEADER_MARGIN
+    with (atomic_output(Path(out), force, needed) as tmp,
+          byte_progress(sum(j.source_nbytes for j in jobs), f"writing {recipe.name}", progress) as advance):
+        write_gguf(tmp, full_header, jobs, arch, threads, advance)
