@@ -32,7 +32,8 @@ def write_model_file(out: Path, header: Callable[[gguf.GGUFWriter], None], jobs:
     check_imatrix_needed(jobs, imatrix)
     for pattern, type_name in recipe.overrides:
         if not any(re.search(pattern, j.name) for j in jobs):
-            err.print(f"[yellow]warning:[/] --tensor-type {escape(pattern)}={type_name} matches no tensor", highlight=False)
+            err.print(f"[yellow]warning:[/] --tensor-type {escape(pattern)}={type_name} matches no tensor",
+                      highlight=False)
 
     def full_header(w: gguf.GGUFWriter) -> None:
         header(w)
