@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from marco_gguf.errors import MarcoError
@@ -129,7 +130,8 @@ def test_arm_profiles_target_real_architectures(name, tmp_path):
 def test_build_command_carries_the_profile_and_overrides():
     cmd = build_command("cuda", ["CMAKE_CUDA_ARCHITECTURES=90"])
     assert cmd.cmake_args == f"-C {REPO / 'cmake' / 'cuda.cmake'} -DCMAKE_CUDA_ARCHITECTURES=90"
-    assert cmd.argv[1:6] == ["-m", "pip", "install", "--no-cache-dir", "--force-reinstall"]
+    assert cmd.argv[1:8] == ["-m", "pip", "install", "--no-cache-dir", "--verbose", "--force-reinstall", "--no-deps"]
+    assert cmd.argv[8] == f"llama-cpp-python=={llama_cpp.__version__}"
     assert cmd.shell().startswith("CMAKE_ARGS=")
     with pytest.raises(MarcoError, match="unknown build profile"):
         build_command("cdua")

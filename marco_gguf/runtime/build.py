@@ -85,8 +85,8 @@ class BuildCommand:
 def build_command(profile: str, defines: list[str] | None = None, python: str = sys.executable) -> BuildCommand:
     """The pip command that rebuilds llama-cpp-python with `profile` plus `-D NAME=VALUE` overrides.
 
-    The installed llama-cpp-python version is kept (and its dependencies left alone); pip's wheel
-    cache is bypassed, since pip would otherwise reuse a wheel built with other flags.
+    The installed llama-cpp-python version is kept; pip's wheel cache is bypassed, since pip would
+    otherwise reuse a wheel built with other flags (BRIEF fact 2).
     """
     for d in defines or []:
         if "=" not in d or not d.split("=", 1)[0]:
@@ -94,11 +94,11 @@ def build_command(profile: str, defines: list[str] | None = None, python: str = 
     path = profile_path(profile)
     check_host(profile)
     cmake_args = shlex.join(["-C", str(path), *(f"-D{d}" for d in defines or [])])
-    try:
-        spec = [f"llama-cpp-python=={importlib.metadata.version('llama-cpp-python')}", "--no-deps"]
+    try:  # rebuild the installed version, its dependencies left alone
+        spec = ["--force-reinstall", "--no-deps", f"llama-cpp-python=={importlib.metadata.version('llama-cpp-python')}"]
     except importlib.metadata.PackageNotFoundError:
         spec = ["llama-cpp-python"]
-    argv = [python, "-m", "pip", "install", "--no-cache-dir", "--force-reinstall", "--verbose", *spec]
+    argv = [python, "-m", "pip", "install", "--no-cache-dir", "--verbose", *spec]
     return BuildCommand(profile, cmake_args, argv)
 
 

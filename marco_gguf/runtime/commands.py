@@ -24,6 +24,10 @@ Threads = Annotated[int | None, typer.Option("--threads", "-t", help="CPU thread
                                              rich_help_panel=LOAD)]
 GpuLayers = Annotated[int, typer.Option("--gpu-layers", "-ngl", help="Layers to offload to the GPU (-1: all; "
                                         "needs a GPU build).", rich_help_panel=LOAD)]
+ExpertsOnCpu = Annotated[bool, typer.Option("--experts-on-cpu", help="Keep the expert weights in host memory and "
+                                          "the rest on the GPU (with --gpu-layers).", rich_help_panel=LOAD)]
+NCpuMoe = Annotated[int, typer.Option("--n-cpu-moe", help="Keep the expert weights of the first N layers in host "
+                                      "memory.", rich_help_panel=LOAD)]
 FlashAttn = Annotated[bool, typer.Option("--flash-attn", "-fa", help="Use flash attention.", rich_help_panel=LOAD)]
 KvType = Annotated[str, typer.Option("--kv-type", help=f"KV-cache type: {', '.join(KV_TYPES)} "
                                      "(q8_0/q4_0 need --flash-attn).", rich_help_panel=LOAD)]
@@ -50,9 +54,10 @@ Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.
 
 def _load(path: Path, ctx: int | None, threads: int | None, gpu_layers: int = 0, flash_attn: bool = False,
           kv_type: str = "f16", mmap: bool = True, mlock: bool = False, template: Path | None = None,
-          vocab_only: bool = False) -> MarcoModel:
+          vocab_only: bool = False, experts_on_cpu: bool = False, n_cpu_moe: int = 0) -> MarcoModel:
     model = load_model(path, n_ctx=ctx, threads=threads, n_gpu_layers=gpu_layers, flash_attn=flash_attn,
-                       kv_type=kv_type, mmap=mmap, mlock=mlock, vocab_only=vocab_only)
+                       kv_type=kv_type, mmap=mmap, mlock=mlock, vocab_only=vocab_only,
+                       experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
     if template is not None:
         model.set_chat_template(template.read_text(encoding="utf-8"))
     return model
@@ -83,6 +88,7 @@ def chat(
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="Longest reply in tokens "
                                                    "(default: until the end of the turn).")] = None,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
+    experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
     chat_template_kwargs: TemplateKwargs = None,
     temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
@@ -92,7 +98,8 @@ def chat(
     from marco_gguf.runtime.chat import ChatSession, run_repl
 
     kwargs = _template_kwargs(chat_template_kwargs)
-    model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template)
+    model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
+                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
     model.render([{"role": "user", "content": "hi"}], **kwargs)  # no template: fail now, not at the first message
     session = ChatSession(model, system, _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy,
                                                    max_tokens), kwargs)
@@ -124,6 +131,7 @@ def run(
                                           "chat template.")] = False,
     as_json: Json = False,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
+    experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
     chat_template_kwargs: TemplateKwargs = None,
     temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
@@ -135,7 +143,8 @@ def run(
     if max_tokens < 1:
         raise typer.BadParameter("--max-tokens must be at least 1")
     kwargs = _template_kwargs(chat_template_kwargs)
-    model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template)
+    model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
+                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
     sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy, max_tokens)
     text = model.render([{"role": "user", "content": prompt}], **kwargs) if as_chat else prompt
     stream = model.stream(text, sampling)
@@ -237,6 +246,7 @@ def serve(
     name: Annotated[str | None, typer.Option("--name", help="Model id the API reports (default: the "
                                              "model's name).")] = None,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
+    experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
     chat_template_kwargs: TemplateKwargs = None,
     temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
@@ -249,7 +259,8 @@ def serve(
     server.check_host(host, api_key)
     kwargs = _template_kwargs(chat_template_kwargs)
     sock = server.bind(host, port)
-    model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template)
+    model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
+                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
     model.sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, False, None)
     app = server.create_app(model, name, api_key, kwargs)
     where = sock.getsockname()

@@ -119,7 +119,7 @@ def bench(
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Timed runs of each test.")] = 5,
     n_prompt: Annotated[int, typer.Option("-p", help="Prompt tokens (llama-bench's pp test).")] = 512,
     n_gen: Annotated[int, typer.Option("-n", help="Generated tokens (llama-bench's tg test).")] = 128,
-    n_gpu_layers: Annotated[int, typer.Option("--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all).")] = 0,
+    n_gpu_layers: Annotated[int, typer.Option("--gpu-layers", "-ngl", help="Layers on the GPU (-1: all).")] = 0,
     experts_on_cpu: Annotated[bool, typer.Option("--experts-on-cpu", help="Keep expert weights in host memory.")]
     = False,
     n_cpu_moe: Annotated[int, typer.Option("--n-cpu-moe", help="Keep the experts of the first N layers in host "
