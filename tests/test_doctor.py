@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from marco_gguf.cli import app
+from marco_gguf.runtime.device_commands import show_report
 from marco_gguf.runtime.doctor import (
     Host,
     advise,
@@ -48,7 +49,7 @@ def mib(log: list[str], pattern: str) -> float:
     return value
 
 
-def test_doctor_reports_the_installed_build_and_the_model_fit(tiny_f32, tmp_path, monkeypatch):
+def test_doctor_reports_the_installed_build_and_the_model_fit(tiny_f32, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the probe model is made afresh
     result = CliRunner().invoke(app, ["doctor", "--model", str(tiny_f32), "--ctx", "512", "--json"])
     assert result.exit_code == 0, result.output
@@ -69,8 +70,9 @@ def test_doctor_reports_the_installed_build_and_the_model_fit(tiny_f32, tmp_path
     assert fit["weights"] <= tiny_f32.stat().st_size < fit["weights"] + 16 * 2**20
     assert fit["need"] == fit["weights"] + fit["kv_cache"] + fit["compute"] and fit["fits_in_ram"]
 
-    text = CliRunner().invoke(app, ["doctor"], env={"XDG_CACHE_HOME": str(tmp_path)})
-    assert text.exit_code == 0 and "prompt processing works" in text.stdout
+    show_report(r)
+    text = capsys.readouterr().out
+    assert "prompt processing works" in text and f"{tiny_f32.name}" in text and "KV cache" in text
 
 
 def test_a_model_larger_than_memory_is_a_problem(tiny_f32):

@@ -99,7 +99,8 @@ def show_report(r: dict) -> None:
 
 
 def show_fit(m: dict) -> None:
-    table = Table("", "bytes", title=f"{Path(m['model']).name} at context {m['n_ctx']}")
+    console.print(f"[bold]{Path(m['model']).name}[/] at context {m['n_ctx']}:")
+    table = Table("", "bytes")
     for label, key in (("weights", "weights"), ("  of which experts", "experts"), ("KV cache (f16)", "kv_cache"),
                        ("compute buffers", "compute"), ("needed", "need"), ("RAM available", "ram_available")):
         if m.get(key) is not None:
