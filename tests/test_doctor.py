@@ -117,6 +117,9 @@ def test_advice_names_the_build_for_the_hardware(host, build, profile, defines):
 def test_no_advice_when_the_build_already_fits():
     cuda = Host("Linux", "x86_64", ["avx2"], nvidia=[{"name": "H100", "compute_cap": "9.0", "memory": 80 << 30}])
     assert advise(cuda, parse_system_info("CPU : AVX2 = 1 | CUDA : ARCHS = 900 |"), ["CUDA", "CPU"], False) is None
+    mac = Host("Darwin", "arm64", [])
+    assert advise(mac, parse_system_info("CPU : NEON = 1 | MTL : EMBED_LIBRARY = 1 |"), ["MTL", "BLAS", "CPU"],
+                  False) is None
     avx2 = Host("Linux", "x86_64", ["avx2", "fma", "f16c"])
     assert advise(avx2, parse_system_info("CPU : AVX2 = 1 | FMA = 1 |"), ["CPU"], False) is None
     assert best_profile(Host("Linux", "riscv64", [])) is None

@@ -177,7 +177,7 @@ def advise(host: Host, info: dict[str, dict[str, str]], registered: list[str], c
     flags = set(host.cpu_flags)
     if cpu.get("AVX512") == "1" and host.cpu_flags and "avx512f" not in flags:
         return Advice("cpu-avx2", [], "the installed build uses AVX-512, which this CPU lacks")
-    gpu = {"metal": "Metal", "cuda": "CUDA", "vulkan": "Vulkan"}.get(best.profile)
+    gpu = {"metal": "MTL", "cuda": "CUDA", "vulkan": "Vulkan"}.get(best.profile)  # ggml's backend names
     if gpu:
         return None if gpu in registered else best
     if best.profile in CPU_PROFILE_LEVELS:
