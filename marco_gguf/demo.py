@@ -104,3 +104,15 @@ def run_demo(folder: Path, threads: int | None, force: bool) -> None:
     text = model.generate(prompt, max_tokens=16, temperature=0.0)
     console.print(f"   prompt {prompt!r} -> {text!r} ({time.perf_counter() - t0:.2f} s; random weights, "
                   "so the words are noise)", markup=False)
+    console.print("4. a short chat through the Python API: the GGUF's own chat template, streamed reply")
+    messages = [{"role": "system", "content": "You are Marco, a multilingual assistant."},
+                {"role": "user", "content": "Ciao! Come stai?"}]
+    prompt_ids = model.tokenize(model.render(messages), special=True)
+    console.print(f"   {len(messages)} messages -> a {len(prompt_ids)}-token prompt; reply: ", end="", markup=False)
+    stream = model.chat(messages, stream=True, max_tokens=16, temperature=0.0)
+    for piece in stream:
+        console.print(piece, end="", markup=False, highlight=False)
+    c = stream.completion
+    console.print(f"\n   {c.completion_tokens} tokens ({c.finish_reason}), "
+                  f"{c.generation_tokens_per_second or 0:.1f} tokens/s")
+    model.close()

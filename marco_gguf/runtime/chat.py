@@ -39,8 +39,10 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = []
 
-    def _prompt_ids(self) -> list[int]:
-        prompt = self.model.render(self.history(), add_generation_prompt=True, **self.template_kwargs)
+    def _prompt_ids(self, messages: list[dict[str, Any]] | None = None) -> list[int]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        prompt = self.model.render(system + (self.messages if messages is None else messages),
+                                   add_generation_prompt=True, **self.template_kwargs)
         return self.model.tokenize(prompt, special=True)
 
     def _reserve(self) -> int:
@@ -53,16 +55,16 @@ class ChatSession:
 
         A message that does not fit even alone is a MarcoError, and the conversation stays as it was.
         """
-        self.messages.append({"role": "user", "content": text})
+        messages = [*self.messages, {"role": "user", "content": text}]
         dropped = 0
-        while len(self._prompt_ids()) + self._reserve() > self.model.n_ctx:
-            starts = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        while len(self._prompt_ids(messages)) + self._reserve() > self.model.n_ctx:
+            starts = [i for i, m in enumerate(messages) if m["role"] == "user"]
             if len(starts) < 2:
-                self.messages.pop()
                 raise MarcoError(f"that message does not fit the context of {self.model.n_ctx} tokens "
                                  "(with room for a reply); shorten it or load the model with a longer --ctx")
-            del self.messages[:starts[1]]
+            messages = messages[starts[1]:]
             dropped += 1
+        self.messages = messages
         return dropped
 
     def reply(self) -> Iterator[str]:

@@ -258,13 +258,12 @@ def serve(
     server.require_packages()
     server.check_host(host, api_key)
     kwargs = _template_kwargs(chat_template_kwargs)
-    sock = server.bind(host, port)
-    model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
-                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
-    model.sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, False, None)
-    app = server.create_app(model, name, api_key, kwargs)
-    where = sock.getsockname()
-    err.print(f"serving [bold]{name or model.name}[/] at http://{host}:{where[1]}/v1 "
-              f"({model.n_ctx} tokens of context); Ctrl-C stops", highlight=False)
-    server.make_server(app, sock, log_level="warning").run(sockets=[sock])
-    model.close()
+    with server.bind(host, port) as sock:  # before the (slow) load: a port in use fails at once
+        model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
+                      experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
+        model.sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, False, None)
+        app = server.create_app(model, name, api_key, kwargs)
+        err.print(f"serving [bold]{name or model.name}[/] at http://{host}:{sock.getsockname()[1]}/v1 "
+                  f"({model.n_ctx} tokens of context); Ctrl-C stops", highlight=False)
+        server.make_server(app, sock, log_level="warning").run(sockets=[sock])
+        model.close()

@@ -5,18 +5,19 @@ of endpoints defined inside create_app.)
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streamed as server-sent events with
 "stream": true), GET /v1/models and /health. One model serves one request at a time: requests
-queue on a lock and are answered in turn. Bad requests get a 4xx with an OpenAI-style error body.
+queue on a lock and are answered in turn, the generation itself runs in worker threads so the
+server stays responsive. Bad requests get a 4xx with an OpenAI-style error body.
 """
 
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from marco_gguf.errors import MarcoError
@@ -53,6 +54,7 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
                template_kwargs: dict[str, Any] | None = None) -> Any:
     """The FastAPI application serving `model` under the id `name` (default: the model's name)."""
     require_packages()
+    import anyio
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import StreamingResponse
@@ -60,7 +62,7 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
     from starlette.exceptions import HTTPException
 
     model_id = name or model.name
-    lock = threading.Lock()
+    lock = asyncio.Lock()  # one generation at a time; the others wait their turn
     created = int(time.time())
     default_template_kwargs = dict(template_kwargs or {})
 
@@ -142,30 +144,34 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
         return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                 "total_tokens": c.prompt_tokens + c.completion_tokens}
 
-    def events(stream: TokenStream, chunk: Any, include_usage: bool) -> Iterator[str]:
-        """Server-sent events of a stream, generated while holding the model's lock."""
-        with lock:
-            yield f"data: {json.dumps(chunk(None, None, first=True))}\n\n"
+    async def events(stream: TokenStream, chunk: Any, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events of a stream. Each token step runs in a worker thread while the lock is held; a
+        client that goes away cancels this between steps, which closes the generation and frees the lock."""
+        async with lock:
+            pieces = iter(stream)
             try:
-                for piece in stream:
+                yield f"data: {json.dumps(chunk(None, None, first=True))}\n\n"
+                while (piece := await anyio.to_thread.run_sync(next, pieces, None)) is not None:
                     yield f"data: {json.dumps(chunk(piece, None))}\n\n"
             except MarcoError as exc:
                 yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'invalid_request_error'}})}\n\n"
                 return
+            finally:
+                pieces.close()
             c = stream.completion
             yield f"data: {json.dumps(chunk(None, c.finish_reason))}\n\n"
             if include_usage:
                 yield f"data: {json.dumps(chunk(None, None, usage=usage(c)))}\n\n"
         yield "data: [DONE]\n\n"
 
-    def generate(req: SamplingFields, ids: list[int], sampling: Sampling, kind: str) -> Any:
+    async def generate(req: SamplingFields, ids: list[int], sampling: Sampling, kind: str) -> Any:
         rid, now = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": now,
                 "model": model_id}
         stream = model.stream(ids, sampling)
         if not req.stream:
-            with lock:
-                c = stream.wait()
+            async with lock:
+                c = await anyio.to_thread.run_sync(stream.wait)
             choice = {"index": 0, "finish_reason": c.finish_reason, "logprobs": None}
             choice |= {"message": {"role": "assistant", "content": c.text}} if kind == "chat" else {"text": c.text}
             return base | {"choices": [choice], "usage": usage(c)}
@@ -183,29 +189,26 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return StreamingResponse(events(stream, chunk, include_usage), media_type="text/event-stream")
 
-    def check_fits(ids: list[int]) -> None:
-        if len(ids) >= model.n_ctx:
-            raise MarcoError(f"the prompt is {len(ids)} tokens; the context holds {model.n_ctx}")
-
-    @app.post("/v1/chat/completions")
-    def chat_completions(req: ChatRequest) -> Any:
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        kwargs = default_template_kwargs | (req.chat_template_kwargs or {})
-        with lock:
-            ids = model.tokenize(model.render(messages, tools=req.tools, **kwargs), special=True)
-        check_fits(ids)
-        return generate(req, ids, req.sampling(req.max_completion_tokens), "chat")
-
-    @app.post("/v1/completions")
-    def completions(req: CompletionRequest) -> Any:
-        with lock:
-            ids = model.tokenize(req.prompt, special=True) if isinstance(req.prompt, str) else list(req.prompt)
+    def prompt_ids(ids: list[int]) -> list[int]:
         if not ids:
             raise MarcoError("the prompt is empty")
         if any(not 0 <= i < model.vocab.n_tokens for i in ids):
             raise MarcoError(f"token ids must be in [0, {model.vocab.n_tokens})")
-        check_fits(ids)
-        return generate(req, ids, req.sampling(), "text")
+        if len(ids) >= model.n_ctx:
+            raise MarcoError(f"the prompt is {len(ids)} tokens; the context holds {model.n_ctx}")
+        return ids
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest) -> Any:
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        kwargs = default_template_kwargs | (req.chat_template_kwargs or {})
+        ids = model.tokenize(model.render(messages, tools=req.tools, **kwargs), special=True)
+        return await generate(req, prompt_ids(ids), req.sampling(req.max_completion_tokens), "chat")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        ids = model.tokenize(req.prompt, special=True) if isinstance(req.prompt, str) else list(req.prompt)
+        return await generate(req, prompt_ids(ids), req.sampling(), "text")
 
     return app
 
