@@ -157,6 +157,17 @@ PRESETS = {
                       more_bits={"expert_down": ("Q5_K", "IQ4_NL"), "attn_v": ("Q5_K",)}),
     "Q2_K": _preset("Q2_K", FT.MOSTLY_Q2_K, "Q2_K", ("Q3_K", "MXFP4"), "Q3_K", "Q4_K", "Q6_K"),
     "IQ4_XS": _preset("IQ4_XS", FT.MOSTLY_IQ4_XS, "IQ4_XS", ("IQ4_XS", "IQ4_NL"), "IQ4_XS", "Q5_K", "Q6_K"),
+    # IQ3_M and IQ2_M need an importance matrix (convert refuses them without one): IQ grids are fitted
+    # with importance weights. Gate/up take IQ3_S (3.44 bpw) / IQ2_S (2.56); no IQ or k-quant fits 384-wide
+    # down projections and no 32-block type has fewer than 4.25 bits, so those take IQ4_NL, the most
+    # accurate 4-bit 32-block type with an imatrix (BENCHMARKS.md, per tensor class); llama-quantize falls
+    # back to IQ4_NL there too. Attention is 2% of the weights: Q4_K / IQ3_S for q, k and o, Q4_K for v
+    # (llama-quantize's choice for MoE models); more-bits layers give down projections one IQ step more.
+    # The tied embedding is the output layer: Q6_K, and Q5_K for IQ2_M, as llama-quantize does.
+    "IQ3_M": _preset("IQ3_M", FT.MOSTLY_IQ3_M, "IQ3_S", ("IQ3_S", "IQ4_NL"), "Q4_K", "Q4_K", "Q6_K",
+                     more_bits={"expert_down": ("Q4_K", "IQ4_NL")}),
+    "IQ2_M": _preset("IQ2_M", FT.MOSTLY_IQ2_M, "IQ2_S", ("IQ2_S", "IQ4_NL"), "IQ3_S", "Q4_K", "Q5_K",
+                     more_bits={"expert_down": ("IQ3_S", "IQ4_NL")}),
 }
 
 

@@ -1,0 +1,116 @@
+"""`marco-gguf imatrix` and `marco-gguf verify`: calibration and quality checks against the original weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from marco_gguf.app import command, fail, print_json
+from marco_gguf.cli import Force, Json, Threads
+from marco_gguf.ui import console, count_progress, err
+
+Text = Annotated[Path | None, typer.Option("--text", help="Text to run: a .jsonl file of {\"lang\", \"text\"} "
+                                           "records or a plain text file (default: the bundled prompts in "
+                                           "29 languages).")]
+BELOW_MIN_TOP1 = 3  # verify's exit code when the top-1 agreement is below --min-top1
+
+
+@command()
+def imatrix(
+    src: Annotated[str, typer.Argument(help="Checkpoint folder (the original weights).")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Importance matrix to write: llama.cpp's GGUF "
+                                      "format, or its legacy format if the name ends in .dat.")],
+    text: Text = None,
+    max_tokens: Annotated[int, typer.Option(help="Calibration tokens, split equally over the languages.")] = 16384,
+    threads: Threads = None,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Importance matrix for low-bit quantization, per expert, with a report of the experts it reached."""
+    from marco_gguf.calibrate.collect import ImatrixCollector
+    from marco_gguf.calibrate.reference import ReferenceModel
+    from marco_gguf.calibrate.text import load_samples
+    from marco_gguf.files import check_destination
+    from marco_gguf.quantize.imatrix import write_imatrix
+
+    check_destination(out, force)
+    with ReferenceModel(src, threads) as ref:
+        samples, source = load_samples(ref.path, text, "calibration", max_tokens)
+        collector = ImatrixCollector(ref, samples)
+        n, layers = len(collector.token_lang), ref.hp.n_layer
+        with count_progress(n * layers, f"calibrating: {n:,} tokens x {layers} layers", not as_json) as advance:
+            ref.hidden([s.ids for s in samples], collector, advance)
+    write_imatrix(collector.imatrix(source), out, force)
+    coverage = collector.coverage()
+    idle = coverage.idle()
+    if as_json:
+        print_json({"output": str(out), "text": source, "tokens": n, "tensors": len(collector.sums),
+                    "coverage": coverage.to_json()})
+    else:
+        for table in coverage.tables():
+            console.print(table)
+        console.print(f"wrote {out} ({len(collector.sums)} tensors, {source})")
+    if idle:
+        n_idle = sum(len(e) for _, e in idle)
+        err.print(f"[yellow]warning:[/] {n_idle} experts in {len(idle)} layers got no calibration tokens "
+                  f"(first: layer {idle[0][0]}, expert {idle[0][1][0]}); they will be quantized with a neutral "
+                  "importance (all ones), as llama-quantize does. More text, or text in more languages, "
+                  "reaches more experts.", highlight=False, soft_wrap=True)
+
+
+@command()
+def verify(
+    model: Annotated[Path, typer.Argument(help="GGUF file to check.")],
+    reference: Annotated[str, typer.Option("--reference", "-r", help="Checkpoint folder it was made from.")],
+    text: Text = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to compare, split equally over the languages.")] = 4096,
+    min_top1: Annotated[float | None, typer.Option(help="Fail (exit code 3) when the overall top-1 agreement is "
+                                                   "below this fraction, e.g. 0.9.")] = None,
+    floor: Annotated[bool, typer.Option(help="Also measure an f32 conversion of the reference (needs disk "
+                                        "space for it) as the floor.")] = True,
+    threads: Threads = None,
+    as_json: Json = False,
+) -> None:
+    """Compare a GGUF file's predictions with the original weights: top-1 agreement and KL divergence."""
+    from marco_gguf.calibrate.reference import ReferenceModel
+    from marco_gguf.calibrate.text import load_samples
+    from marco_gguf.calibrate.verify import verify as run_verify
+
+    if min_top1 is not None and not 0 <= min_top1 <= 1:
+        raise typer.BadParameter("--min-top1 is a fraction between 0 and 1")
+    with ReferenceModel(reference, threads) as ref:
+        samples, source = load_samples(ref.path, text, "evaluation", max_tokens)
+        report = run_verify(model, ref, samples, threads, floor, progress=not as_json)
+    overall = report["model"]["overall"]["top1"]
+    passed = min_top1 is None or overall >= min_top1
+    if as_json:
+        print_json({"model": str(model), "reference": reference, "text": source, **report,
+                    "min_top1": min_top1, "passed": passed})
+    else:
+        console.print(_table(report, model.name))
+        console.print(f"text: {source}")
+    if not passed:
+        fail(f"top-1 agreement {overall:.4f} is below --min-top1 {min_top1}", code=BELOW_MIN_TOP1)
+
+
+def _table(report: dict, name: str) -> Table:
+    floor = report["floor"]
+    table = Table("language", "tokens", "top-1", "KL mean", "KL p99", title=f"{name} against the original weights")
+    if floor:
+        for column in ("f32 top-1", "f32 KL mean", "f32 KL p99"):
+            table.add_column(column, style="dim")
+
+    def row(label: str, m: dict, f: dict | None) -> list[str]:
+        cells = [label, f"{m['tokens']:,}", f"{100 * m['top1']:.2f}%", f"{m['kl_mean']:.5f}", f"{m['kl_p99']:.4f}"]
+        if f:
+            cells += [f"{100 * f['top1']:.2f}%", f"{f['kl_mean']:.6f}", f"{f['kl_p99']:.5f}"]
+        return cells
+
+    for lang, m in report["model"]["languages"].items():
+        table.add_row(*row(lang, m, floor["languages"][lang] if floor else None))
+    table.add_section()
+    table.add_row(*row("[bold]overall", report["model"]["overall"], floor["overall"] if floor else None))
+    return table

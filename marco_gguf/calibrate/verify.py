@@ -1,0 +1,116 @@
+"""How far a GGUF file's predictions are from the original weights: top-1 agreement and KL divergence.
+
+The reference forward pass runs the checkpoint once; each GGUF file then runs in llama.cpp (f32
+KV cache, logits for every position) on the same token sequences. Per token: whether the most
+likely next token is the same, and KL(reference || GGUF) over the whole vocabulary. An f32
+conversion of the same checkpoint gives the floor: what llama.cpp's kernels alone account for.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from marco_gguf.calibrate.reference import ReferenceModel
+from marco_gguf.calibrate.text import Sample
+from marco_gguf.errors import MarcoError
+from marco_gguf.ui import count_progress
+
+ROWS = 64  # positions per block when comparing distributions over a 152k vocabulary
+
+
+def token_metrics(ref_logits, logits) -> tuple[np.ndarray, np.ndarray]:
+    """Per position: KL(reference || model) in nats and whether the top-1 tokens agree."""
+    import torch
+
+    kl, top1 = [], []
+    for i in range(0, ref_logits.shape[0], ROWS):
+        lp = torch.log_softmax(ref_logits[i:i + ROWS].float(), dim=-1)
+        lq = torch.log_softmax(logits[i:i + ROWS].float(), dim=-1)
+        kl.append((lp.exp() * (lp - lq)).double().sum(-1).clamp_min(0).numpy())
+        top1.append((lp.argmax(-1) == lq.argmax(-1)).numpy())
+    return np.concatenate(kl), np.concatenate(top1)
+
+
+def summarize(kl: np.ndarray, top1: np.ndarray) -> dict:
+    return {"tokens": int(len(kl)), "top1": float(top1.mean()), "kl_mean": float(kl.mean()),
+            "kl_p99": float(np.percentile(kl, 99))}
+
+
+class Comparison:
+    """Per-language token metrics of one GGUF file against the reference."""
+
+    def __init__(self) -> None:
+        self.kl: dict[str, list[np.ndarray]] = {}
+        self.top1: dict[str, list[np.ndarray]] = {}
+
+    def add(self, lang: str, kl: np.ndarray, top1: np.ndarray) -> None:
+        self.kl.setdefault(lang, []).append(kl)
+        self.top1.setdefault(lang, []).append(top1)
+
+    def report(self) -> dict:
+        langs = {lang: summarize(np.concatenate(self.kl[lang]), np.concatenate(self.top1[lang]))
+                 for lang in sorted(self.kl)}
+        overall = summarize(np.concatenate([a for v in self.kl.values() for a in v]),
+                            np.concatenate([a for v in self.top1.values() for a in v]))
+        return {"overall": overall, "languages": langs}
+
+
+def check_same_model(model, ref: ReferenceModel) -> None:
+    """Refuse a loaded GGUF model whose shape is not the reference checkpoint's."""
+    hp, meta = ref.hp, model.meta
+    arch = meta.get("general.architecture")
+    ours = (hp.n_layer, hp.n_embd, hp.n_expert, hp.vocab_size)
+    theirs = (meta.get(f"{arch}.block_count"), meta.get(f"{arch}.embedding_length"),
+              meta.get(f"{arch}.expert_count"), model.llama.n_vocab())
+    if ours != theirs:
+        raise MarcoError(f"{model.path.name} (layers, hidden, experts, vocabulary = {theirs}) is not a conversion "
+                         f"of {ref.path.name} ({ours})")
+
+
+def compare(path: Path, ref: ReferenceModel, hidden, samples: Sequence[Sample], threads: int | None,
+            progress: bool) -> dict:
+    """Run `path` in llama.cpp on the samples and compare with the reference logits."""
+    import torch
+
+    from marco_gguf.runtime.model import load_model
+
+    n_ctx = max(512, max(len(s.ids) for s in samples))
+    model = load_model(path, n_ctx=n_ctx, threads=threads, logits_all=True, kv_type="f32")
+    result = Comparison()
+    try:
+        check_same_model(model, ref)
+        total = sum(len(s.ids) for s in samples)
+        with count_progress(total, f"llama.cpp: {path.name}", progress) as advance:
+            for sample, ref_logits in zip(samples, ref.logits(hidden, [len(s.ids) for s in samples]), strict=True):
+                logits = torch.from_numpy(model.logits(sample.ids))
+                result.add(sample.lang, *token_metrics(ref_logits, logits))
+                advance(len(sample.ids))
+    finally:
+        model.close()
+    return result.report()
+
+
+def verify(path: Path, ref: ReferenceModel, samples: Sequence[Sample], threads: int | None = None,
+           floor: bool = True, progress: bool = True) -> dict:
+    """Metrics of `path`, and of an f32 conversion of the reference (the floor) unless `floor` is False."""
+    from marco_gguf.convert import convert
+    from marco_gguf.quantize.recipe import uniform
+
+    total = sum(len(s.ids) for s in samples)
+    with count_progress(total * ref.hp.n_layer, f"reference: {total:,} tokens x {ref.hp.n_layer} layers",
+                        progress) as advance:
+        hidden = ref.hidden([s.ids for s in samples], on_layer=advance)
+    report = {"model": compare(path, ref, hidden, samples, threads, progress), "floor": None}
+    if floor:
+        with tempfile.TemporaryDirectory(prefix="marco-verify-") as tmp:
+            f32 = Path(tmp) / f"{ref.path.name}-f32.gguf"
+            try:
+                convert(ref.path, f32, uniform("F32"), threads=threads, progress=progress)
+            except MarcoError as exc:
+                raise MarcoError(f"{exc} (the f32 floor needs it; --no-floor skips the floor)") from None
+            report["floor"] = compare(f32, ref, hidden, samples, threads, progress)
+    return report
