@@ -152,10 +152,12 @@ CONVERSATIONS = {
 
 @pytest.fixture(scope="module")
 def qwen3_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
-    """A copy of the tiny checkpoint carrying Qwen3's real chat template in tokenizer_config.json."""
+    """A copy of the tiny checkpoint carrying Qwen3's real chat template in tokenizer_config.json, as named
+    templates: "default", and a "tool_use" variant that transformers picks when tools are given."""
     ckpt = copy_checkpoint(tiny_ckpt, tmp_path_factory.mktemp("qwen3") / "Marco-Tiny-Qwen3-Template")
     config = json.loads((ckpt / "tokenizer_config.json").read_text())
-    config["chat_template"] = QWEN3_TEMPLATE
+    config["chat_template"] = [{"name": "default", "template": QWEN3_TEMPLATE},
+                               {"name": "tool_use", "template": QWEN3_TEMPLATE.replace("# Tools", "# Tool use")}]
     (ckpt / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return ckpt
 
@@ -180,7 +182,9 @@ def _cases(request, ckpt_fixture: str, gguf_fixture: str):
 def test_prompt_and_ids_match_transformers(request, ckpt_fixture, gguf_fixture):
     """For every conversation, with and without the generation prompt: same text, same token ids."""
     hf, model = _cases(request, ckpt_fixture, gguf_fixture)
-    assert model.template is not None and model.template.source == hf.chat_template
+    named = hf.chat_template if isinstance(hf.chat_template, dict) else {"default": hf.chat_template}
+    assert model.template is not None and model.template.source == named["default"]
+    assert (model.tool_template and model.tool_template.source) == named.get("tool_use")
     checked = 0
     for name, (messages, kwargs) in CONVERSATIONS.items():
         for add_generation_prompt in (True, False):
@@ -200,6 +204,7 @@ def test_qwen3_template_renders_thinking_and_tools(qwen3_gguf):
     model = load_model(qwen3_gguf, vocab_only=True)
     messages, kwargs = CONVERSATIONS["tools"]
     prompt = model.render(messages, **kwargs)
+    assert prompt.startswith("<|im_start|>system\n# Tool use")  # the tool_use template, as tools are given
     assert "<tools>\n" + json.dumps(TOOLS[0], ensure_ascii=False) in prompt  # tojson keeps "Zürich"
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
     assert "<tool_response>\n{\"temperature\": 21}\n</tool_response>\n<tool_response>" in prompt

@@ -160,6 +160,10 @@ class MarcoModel:
         self.stop_ids = self._stop_ids()
         source = meta.get(T.CHAT_TEMPLATE)
         self.template = ChatTemplate(source, self.special_tokens) if source else None
+        # a tokenizer with named templates keeps them as tokenizer.chat_template.NAME; transformers uses
+        # "tool_use" when tools are given
+        tool_use = meta.get(T.CHAT_TEMPLATE_N.format(name="tool_use"))
+        self.tool_template = ChatTemplate(tool_use, self.special_tokens) if tool_use else None
 
     def _special_tokens(self) -> dict[str, str]:
         """The variables transformers gives a template (bos_token only if the tokenizer adds BOS; Qwen's does not)."""
@@ -185,8 +189,8 @@ class MarcoModel:
         return self.llama
 
     def set_chat_template(self, source: str) -> None:
-        """Use `source` instead of the template stored in the file."""
-        self.template = ChatTemplate(source, self.special_tokens)
+        """Use `source` instead of the template(s) stored in the file."""
+        self.template, self.tool_template = ChatTemplate(source, self.special_tokens), None
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """Token ids as Hugging Face's tokenizer makes them (NFC first; no BOS, as Qwen adds none).
@@ -201,11 +205,11 @@ class MarcoModel:
     def render(self, messages: Any, tools: list[dict] | None = None, add_generation_prompt: bool = True,
                **template_kwargs: Any) -> str:
         """The chat prompt for OpenAI-style messages, exactly as transformers' apply_chat_template writes it."""
-        if self.template is None:
+        template = self.tool_template if tools is not None and self.tool_template else self.template
+        if template is None:
             raise MarcoError(f"{self.path.name} has no chat template (tokenizer.chat_template); give one "
                              "with --chat-template FILE or use plain completion")
-        return self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                    **template_kwargs)
+        return template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits [len(ids), vocab] for a fresh sequence (needs load_model(..., logits_all=True))."""
