@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -105,6 +106,8 @@ def chat(
                                                    max_tokens), kwargs)
     interactive = sys.stdin.isatty()
     if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
         err.print(f"[bold]{model.name}[/] ({model.n_ctx} tokens of context). /help for commands, Ctrl-D to leave.")
 
     def lines() -> Any:
