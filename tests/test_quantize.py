@@ -1,0 +1,207 @@
+"""Presets, llama.cpp bit-exactness, the budget planner and bad input for quantization."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from llama_tools import llama_quantize, tensor_bytes
+from typer.testing import CliRunner
+
+from marco_gguf.cli import app
+from marco_gguf.convert import convert
+from marco_gguf.gguf_file import GGUFFile
+from marco_gguf.quantize import ggml
+from marco_gguf.quantize.from_gguf import quantize_file
+from marco_gguf.quantize.planner import Budget
+from marco_gguf.quantize.recipe import PRESETS, preset, uniform
+from marco_gguf.runtime.model import load_model
+
+PRESETS_WITHOUT_IMATRIX = [name for name, r in PRESETS.items() if not name.startswith(("IQ2", "IQ3"))]
+THIRTY_TWO_BLOCK = {T.IQ4_NL, T.Q4_0, T.MXFP4, T.Q5_0, T.Q5_1, T.Q8_0}
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+FAST_EMBEDDING = "token_embd=Q8_0"  # the 39M-weight embedding is 99% of this fixture: quantize it quickly
+
+
+@pytest.fixture(scope="module")
+def preset_files(tiny_f32, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("presets")
+    files = {}
+    for name in PRESETS_WITHOUT_IMATRIX:
+        files[name] = folder / f"{name}.gguf"
+        quantize_file(tiny_f32, files[name], preset(name).with_overrides([FAST_EMBEDDING]), threads=2,
+                      progress=False)
+    return files
+
+
+def test_every_tensor_has_the_type_its_recipe_says(preset_files):
+    for name, path in preset_files.items():
+        f = GGUFFile(path)
+        n_layer = f.get("qwen3moe.block_count")
+        recipe = preset(name).with_overrides([FAST_EMBEDDING])
+        for t in f.tensors:
+            assert t.type == recipe.type_for(t.name, t.shape, n_layer, tied=True), (name, t.name)
+            if t.name.endswith("ffn_down_exps.weight"):  # rows of 96: a 32-block type, chosen on purpose
+                assert t.type in THIRTY_TWO_BLOCK, (name, t.name, t.type)
+            if t.name.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight")) and name != "Q8_0":
+                assert ggml.block_size(t.type) == 256, (name, t.name, t.type)  # rows of 256: the k-quant
+        assert GGUFFile(path).get("general.file_type") == int(preset(name).file_type)
+
+
+def test_presets_load_generate_and_degrade_in_order(preset_files, tiny_f32, hf_tokenizer, one_prompt_per_language):
+    """Agreement with the f32 file falls as bits fall (mean KL divergence; top-1 is noisy on a random model,
+    whose near-ties between top tokens flip under any rounding: Q8_0 measured 0.87-0.9 here)."""
+    prompts = [hf_tokenizer(p["text"])["input_ids"][:24] for p in one_prompt_per_language[::5]]
+    reference = load_model(tiny_f32, n_ctx=32, threads=2, logits_all=True, kv_type="f32")
+    ref = [reference.logits(ids) for ids in prompts]
+
+    def agreement(path: Path) -> tuple[float, float]:
+        model = load_model(path, n_ctx=32, threads=2, logits_all=True, kv_type="f32")
+        assert model.generate("Marco", max_tokens=4, temperature=0.0) is not None
+        top1, kl = [], []
+        for ids, r in zip(prompts, ref, strict=True):
+            got = model.logits(ids)
+            top1.append((got.argmax(-1) == r.argmax(-1)).mean())
+            p, q = _softmax(r), _softmax(got)
+            kl.append(float((p * (np.log(p + 1e-30) - np.log(q + 1e-30))).sum(-1).mean()))
+        return float(np.mean(top1)), float(np.mean(kl))
+
+    order = ("Q8_0", "Q6_K", "Q4_K_M", "Q2_K")
+    scores = {name: agreement(preset_files[name]) for name in order}
+    assert scores["Q8_0"][0] > 0.8
+    kls = [scores[n][1] for n in order]
+    assert kls == sorted(kls), scores
+    assert scores["Q2_K"][0] < scores["Q4_K_M"][0] < scores["Q8_0"][0]
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+# One file exercising many ggml kernels: k-quants and IQ4_XS on the 256-wide rows, every 32-block
+# type on the 96-wide down projections.
+MIXED = ["blk\\.0\\.ffn_(gate|up)_exps=Q2_K", "blk\\.1\\.ffn_(gate|up)_exps=Q3_K", "blk\\.2\\.ffn_gate_exps=IQ4_XS",
+         "blk\\.2\\.ffn_up_exps=Q5_K", "blk\\.0\\.ffn_down_exps=MXFP4", "blk\\.1\\.ffn_down_exps=Q4_0",
+         "blk\\.2\\.ffn_down_exps=Q5_1", "attn_q=Q4_K", "attn_k=Q6_K", "attn_v=Q5_0", "attn_output=IQ4_NL",
+         "token_embd=Q8_0"]
+
+
+def test_same_bytes_as_llama_cpp_quantizer(tiny_f32, tmp_path):
+    ours = tmp_path / "ours.gguf"
+    quantize_file(tiny_f32, ours, preset("Q4_K_M").with_overrides(MIXED), threads=2, progress=False)
+    want = tensor_bytes(ours)
+    types = {name: t for name, (t, _) in want.items() if t != T.F32}
+    assert len(set(types.values())) >= 10
+    theirs = tmp_path / "theirs.gguf"
+    llama_quantize(tiny_f32, theirs, types, gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    got = tensor_bytes(theirs)
+    assert got.keys() == want.keys()
+    for name, (t, data) in want.items():
+        assert got[name][0] == t, name
+        assert np.array_equal(got[name][1], data), name
+
+
+def test_convert_in_one_pass_equals_convert_then_quantize(tiny_ckpt, tiny_f32, tmp_path):
+    one_pass = tmp_path / "one-pass.gguf"
+    convert(tiny_ckpt, one_pass, preset("Q4_K_M"), progress=False)
+    two_steps = tmp_path / "two-steps.gguf"
+    quantize_file(tiny_f32, two_steps, preset("Q4_K_M"), threads=2, progress=False)
+    a, b = tensor_bytes(one_pass), tensor_bytes(two_steps)
+    assert a.keys() == b.keys()
+    assert all(a[n][0] == b[n][0] and np.array_equal(a[n][1], b[n][1]) for n in a)
+
+
+def test_recipe_is_stored_and_inspect_shows_it(tiny_f32, tmp_path):
+    out = tmp_path / "o.gguf"
+    assert cli("quantize", str(tiny_f32), str(out), "Q4_K_M", "--tensor-type", "attn_v=q8_0").exit_code == 0
+    info = json.loads(cli("inspect", str(out), "--json").stdout)
+    assert 'name = "Q4_K_M"' in info["recipe"] and "attn_v" in info["recipe"] and "Q8_0" in info["recipe"]
+    assert {r["type"] for r in info["tensors"] if r["class"] == "experts down"} <= {"IQ4_NL", "Q5_0"}
+    assert info["total"]["bpw"] < 9
+
+
+@pytest.mark.parametrize("budget_mib", [36, 45, 60])
+def test_planner_never_exceeds_the_budget(tiny_f32, tmp_path, budget_mib):
+    out = tmp_path / "fit.gguf"
+    recipe, jobs = quantize_file(tiny_f32, out, preset("Q4_K_M"), threads=2, progress=False,
+                                 budget=Budget(max_size=budget_mib << 20))
+    assert out.stat().st_size <= budget_mib << 20
+    assert recipe.name.startswith("Q4_K_M-fit-")
+
+
+def test_fit_ram_leaves_room_for_the_kv_cache(tiny_ckpt, tmp_path):
+    from marco_gguf.runtime.doctor import COMPUTE_OVERHEAD, N_UBATCH
+    from marco_gguf.runtime.placement import Footprint
+
+    out, ram = tmp_path / "ram.gguf", 500 << 20
+    result = convert(tiny_ckpt, out, preset("Q4_K_M"), progress=False, budget=Budget(fit_ram=ram, ctx=2048))
+    assert result.recipe.name.startswith("Q4_K_M-fit")
+    fp = Footprint.of(out)
+    compute = N_UBATCH * fp.n_vocab * 4 + COMPUTE_OVERHEAD  # llama.cpp reserves logits for a full micro-batch
+    assert out.stat().st_size + fp.kv_bytes(2048) + compute <= ram
+
+
+def test_too_small_a_budget_says_the_smallest_size(tiny_f32, tmp_path):
+    result = cli("quantize", str(tiny_f32), str(tmp_path / "x.gguf"), "Q4_K_M", "--max-size", "10MB")
+    assert result.exit_code == 1
+    assert re.search(r"error: cannot fit the model in 9.54 MiB: the smallest file these types reach is [\d.]+ MiB",
+                     result.stderr)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["Q9_K"], "unknown preset 'Q9_K'"),
+    (["Q4_K_M", "--tensor-type", "attn_q=q4_z"], "unknown tensor type 'q4_z'"),
+    (["Q4_K_M", "--tensor-type", "ffn_down_exps=q4_k"], "blk.0.ffn_down_exps.weight: rows of 96 weights cannot be "
+                                                         "stored as Q4_K"),
+    (["Q4_K_M", "--tensor-type", "attn_q"], "expected PATTERN=TYPE"),
+    (["Q4_K_M", "--tensor-type", "(=q8_0"], "bad regular expression"),
+])
+def test_bad_recipe_input(tiny_f32, tmp_path, args, message):
+    result = cli("quantize", str(tiny_f32), str(tmp_path / "x.gguf"), *args)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_pattern_matching_nothing_warns(tiny_f32, tmp_path):
+    result = cli("quantize", str(tiny_f32), str(tmp_path / "x.gguf"), "Q8_0", "--tensor-type", "shexp=q4_0")
+    assert result.exit_code == 0
+    assert "shexp=Q4_0 matches no tensor" in result.stderr
+
+
+def test_already_quantized_input(preset_files, tmp_path):
+    result = cli("quantize", str(preset_files["Q8_0"]), str(tmp_path / "x.gguf"), "Q4_K_M")
+    assert result.exit_code == 1 and "already quantized" in result.stderr and "--allow-requantize" in result.stderr
+    again = cli("quantize", str(preset_files["Q8_0"]), str(tmp_path / "x.gguf"), "Q4_K_M", "--allow-requantize")
+    assert again.exit_code == 0, again.output
+    assert GGUFFile(tmp_path / "x.gguf").tensor("blk.0.ffn_gate_exps.weight").type == T.Q4_K
+
+
+def test_recipe_file_round_trips(tmp_path, tiny_f32):
+    from marco_gguf.quantize.recipe import load_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_text(preset("Q4_K_M").with_overrides(["blk\\.0\\.attn_v=q8_0"]).to_toml())
+    loaded = load_recipe(path)
+    assert loaded.types == preset("Q4_K_M").types and loaded.more_bits == preset("Q4_K_M").more_bits
+    assert loaded.overrides == (("blk\\.0\\.attn_v", "Q8_0"),)
+    out = tmp_path / "r.gguf"
+    assert cli("quantize", str(tiny_f32), str(out), "--recipe", str(path)).exit_code == 0
+    assert GGUFFile(out).tensor("blk.0.attn_v.weight").type == T.Q8_0
+
+
+def test_uniform_outtypes_match_llama_cpp_converter_types():
+    assert uniform("q8_0").type_for("blk.0.ffn_gate_inp.weight", (8, 256), 3, True) == T.F32
+    assert uniform("f16").type_for("blk.0.attn_norm.weight", (256,), 3, True) == T.F32
+    assert uniform("bf16").type_for("token_embd.weight", (151936, 256), 3, True) == T.BF16
