@@ -2,7 +2,8 @@
 
 gguf-py's GGUFReader builds Python objects for every vocabulary entry and merge, which takes
 seconds for Marco's 152k-token vocabulary; ggml's C parser reads the header in milliseconds and
-accepts exactly what llama.cpp accepts. Tensor data is memory-mapped on demand.
+accepts exactly what llama.cpp accepts. String arrays are decoded when read, tensor data is
+memory-mapped on demand.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,51 @@ class _InitParams(ctypes.Structure):
     _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
 
+_LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_SILENT = _LOG_CALLBACK(lambda level, text, user_data: None)
+
+
+class _Context:
+    """Owns a gguf_context; freed when the last GGUFFile or StringArray using it goes."""
+
+    def __init__(self, path: Path):
+        lib = _lib()
+        callback, user_data = _LOG_CALLBACK(), ctypes.c_void_p()
+        lib.ggml_log_get(ctypes.byref(callback), ctypes.byref(user_data))
+        lib.ggml_log_set(_SILENT, None)  # a damaged header is reported once, by us, not by ggml's log
+        try:
+            self.ptr = lib.gguf_init_from_file(str(path).encode(), _InitParams(True, None))
+        finally:
+            lib.ggml_log_set(callback, user_data)
+        if not self.ptr:
+            raise MarcoError(f"{path} is a damaged GGUF file (llama.cpp cannot parse its header)")
+
+    def __del__(self) -> None:
+        if getattr(self, "ptr", None):
+            _lib().gguf_free(self.ptr)
+
+
+class StringArray(Sequence[str]):
+    """A string array of the header (the vocabulary, the merges), decoded only where read."""
+
+    def __init__(self, ctx: _Context, key_id: int):
+        self._ctx, self._id = ctx, key_id
+        self._n = _lib().gguf_get_arr_n(ctx.ptr, key_id)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return _lib().gguf_get_arr_str(self._ctx.ptr, self._id, i % self._n).decode("utf-8", errors="replace")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(other) == self._n and list(self) == list(other)
+
+
 @functools.cache
 def _lib() -> ctypes.CDLL:
     so = ggml_base()
@@ -48,6 +95,8 @@ def _lib() -> ctypes.CDLL:
         "gguf_get_tensor_name": ([ctx, i64], cp), "gguf_get_tensor_type": ([ctx, i64], ctypes.c_int),
         "gguf_get_tensor_offset": ([ctx, i64], sz), "gguf_get_tensor_size": ([ctx, i64], sz),
         "gguf_get_tensor_ne": ([ctx, i64], ctypes.POINTER(i64)), "gguf_get_data_offset": ([ctx], sz),
+        "ggml_log_get": ([ctypes.POINTER(_LOG_CALLBACK), ctypes.POINTER(ctypes.c_void_p)], None),
+        "ggml_log_set": ([_LOG_CALLBACK, ctypes.c_void_p], None),
     }
     for ctype_name, ctype in SCALAR_GETTERS.values():
         sigs[f"gguf_get_val_{ctype_name}"] = ([ctx, i64], ctype)
@@ -80,18 +129,13 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             if f.read(4) != GGUF_MAGIC.to_bytes(4, "little"):
                 raise MarcoError(f"{self.path} is not a GGUF file")
-        lib = _lib()
-        ctx = lib.gguf_init_from_file(str(self.path).encode(), _InitParams(True, None))
-        if not ctx:
-            raise MarcoError(f"{self.path} is a damaged GGUF file (llama.cpp cannot parse its header)")
-        try:
-            keys = [lib.gguf_get_key(ctx, i).decode() for i in range(lib.gguf_get_n_kv(ctx))]
-            self.fields = {key: _value(lib, ctx, i) for i, key in enumerate(keys)}
-            self.types = {key: _types(lib, ctx, i) for i, key in enumerate(keys)}
-            data_offset = lib.gguf_get_data_offset(ctx)
-            self.tensors = [_tensor(lib, ctx, i, data_offset) for i in range(lib.gguf_get_n_tensors(ctx))]
-        finally:
-            lib.gguf_free(ctx)
+        lib, owner = _lib(), _Context(self.path)
+        ctx = owner.ptr
+        keys = [lib.gguf_get_key(ctx, i).decode() for i in range(lib.gguf_get_n_kv(ctx))]
+        self.fields = {key: _value(lib, owner, i) for i, key in enumerate(keys)}
+        self.types = {key: _types(lib, ctx, i) for i, key in enumerate(keys)}
+        data_offset = lib.gguf_get_data_offset(ctx)
+        self.tensors = [_tensor(lib, ctx, i, data_offset) for i in range(lib.gguf_get_n_tensors(ctx))]
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
@@ -117,7 +161,8 @@ def _types(lib: ctypes.CDLL, ctx: int, i: int) -> tuple[GGUFValueType, GGUFValue
     return vtype, V(lib.gguf_get_arr_type(ctx, i)) if vtype == V.ARRAY else None
 
 
-def _value(lib: ctypes.CDLL, ctx: int, i: int) -> Any:
+def _value(lib: ctypes.CDLL, owner: _Context, i: int) -> Any:
+    ctx = owner.ptr
     vtype = V(lib.gguf_get_kv_type(ctx, i))
     if vtype == V.STRING:
         return lib.gguf_get_val_str(ctx, i).decode("utf-8", errors="replace")
@@ -125,7 +170,7 @@ def _value(lib: ctypes.CDLL, ctx: int, i: int) -> Any:
         return getattr(lib, f"gguf_get_val_{SCALAR_GETTERS[vtype][0]}")(ctx, i)
     etype, n = V(lib.gguf_get_arr_type(ctx, i)), lib.gguf_get_arr_n(ctx, i)
     if etype == V.STRING:
-        return [lib.gguf_get_arr_str(ctx, i, j).decode("utf-8", errors="replace") for j in range(n)]
+        return StringArray(owner, i)
     dtype = np.dtype(NUMPY_TYPES[etype])
     if n == 0:
         return np.empty(0, dtype)

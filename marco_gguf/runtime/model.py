@@ -280,9 +280,8 @@ def _load_vocab_only(path: Path) -> Any:
 
 
 def check_gguf(path: Path) -> dict[str, Any]:
-    """The file's metadata (string lists such as the vocabulary left out); a clear error for a missing file,
-    a non-GGUF file or another architecture."""
-    meta = {k: v for k, v in GGUFFile(path).fields.items() if not isinstance(v, list)}
+    """The file's metadata; a clear error for a missing file, a non-GGUF file or another architecture."""
+    meta = GGUFFile(path).fields
     arch = meta.get("general.architecture")
     if arch != ARCHITECTURE:
         raise MarcoError(f"{path} is a {arch or 'unnamed-architecture'} model, not a Marco ({ARCHITECTURE}) GGUF")
