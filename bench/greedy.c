@@ -1,6 +1,6 @@
 // Greedy decoding over libllama's C API: prints the prompt's token ids, then one line per generated
-// token (id and its logit). Built for x86-64 and, cross-compiled, for aarch64 by bench/arm64_check.sh,
-// which compares the two outputs on the same GGUF file.
+// token (id, its logit, and its lead over the runner-up). Built for x86-64 and, cross-compiled, for
+// aarch64 by bench/arm64_check.sh, which compares the two outputs on the same GGUF file.
 //
 //   greedy MODEL.gguf "prompt" N_TOKENS
 #include <stdio.h>
@@ -52,7 +52,9 @@ int main(int argc, char ** argv) {
         const float * logits = llama_get_logits_ith(ctx, -1);
         next = 0;
         for (int v = 1; v < n_vocab; v++) if (logits[v] > logits[next]) next = v;
-        printf("%d %.6f\n", next, logits[next]);
+        float second = -1e30f;  // the runner-up's logit: how close a tie the choice was
+        for (int v = 0; v < n_vocab; v++) if (v != next && logits[v] > second) second = logits[v];
+        printf("%d %.6f %.6f\n", next, logits[next], logits[next] - second);
         batch = llama_batch_get_one(&next, 1);
     }
     llama_free(ctx);
