@@ -61,16 +61,13 @@ echo "== reduced-depth Marco-Nano-shaped Q4_K_M file"
 start=$(date +%s)
 MODEL=/tmp/marco-nano-L${LAYERS:-4}-Q4_K_M.gguf
 python3 - "$MODEL" "${LAYERS:-4}" <<'PY'
-import sys, tempfile
+import sys
 from pathlib import Path
 sys.path.insert(0, "bench")
-from runtime_speed import NANO
+from common import nano_checkpoint
 from marco_gguf.convert import convert
-from marco_gguf.demo import TINY_CONFIG, write_tiny_checkpoint
 from marco_gguf.quantize.recipe import preset
-with tempfile.TemporaryDirectory() as tmp:
-    ckpt = write_tiny_checkpoint(Path(tmp) / "ckpt", {**TINY_CONFIG, **NANO, "num_hidden_layers": int(sys.argv[2])})
-    convert(ckpt, Path(sys.argv[1]), preset("Q4_K_M"), progress=False)
+convert(nano_checkpoint(int(sys.argv[2])), Path(sys.argv[1]), preset("Q4_K_M"), progress=False)
 PY
 echo "written in $(( $(date +%s) - start )) s: $(du -h "$MODEL" | cut -f1)"
 

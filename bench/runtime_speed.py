@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """Runtime speed against llama.cpp's own llama-bench, on a reduced-depth, full-width Marco-Nano-shaped file.
 
-    python bench/runtime_speed.py [--layers 4] [--threads 2] [--repetitions 5] [--rounds 2]
+    python bench/runtime_speed.py [--layers 4] [--threads 2] [--rounds 8]
 
 1. builds llama-bench from .cache/llama.cpp with cmake/cpu.cmake (the README's CPU build; once, niced, -j2,
    in bench/out/llama.cpp-cpu);
-2. writes a random Marco-Nano-shaped checkpoint (hidden 1024, 16/8 heads of 128, 232 experts of 384,
-   top-8, vocab 151936) with --layers layers and converts it with the Q4_K_M recipe (once, kept in bench/out);
-3. per round, on the same file and threads: llama-bench pp512/tg128 (-fa 0, as load_model's default),
-   `marco-gguf bench` (Python API and llama.cpp's decode loop through the C API), and `marco-gguf run`
-   with a ~512-token prompt and 128 greedy tokens;
-4. prints a markdown table of medians and ratios to llama-bench and writes bench/out/runtime_speed.json.
+2. writes bench/common.py's random Marco-Nano-shaped checkpoint (hidden 1024, 16/8 heads of 128, 232
+   experts of 384, top-8, vocab 151936) with --layers layers and converts it with the Q4_K_M recipe
+   (once, kept in bench/out);
+3. per round, on the same file and threads, one timed run each (after a warm-up) of: llama-bench
+   pp512/tg128 (-fa 0, as load_model's default), `marco-gguf bench` (the Python API and llama.cpp's
+   decode loop through the C API), and `marco-gguf run` with a ~500-token prompt and 128 greedy tokens;
+4. prints a markdown table (medians over rounds; each ratio is the median of the per-round ratios to
+   llama-bench) and writes bench/out/runtime_speed.json.
 
 The goal is a ratio of at least 0.97 for tg and pp.
 """
@@ -24,43 +26,22 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "bench" / "out"
-LLAMA_CPP = REPO / ".cache" / "llama.cpp"
-BUILD = OUT / "llama.cpp-cpu"
-NANO = {
-    "hidden_size": 1024, "intermediate_size": 3072, "moe_intermediate_size": 384, "num_attention_heads": 16,
-    "num_key_value_heads": 8, "head_dim": 128, "num_experts": 232, "num_experts_per_tok": 8,
-    "max_position_embeddings": 32768,
-}
+from common import LLAMA_CPP, OUT, build_tool, nano_checkpoint
+
 WORDS = ["marco", "runs", "mixture", "experts", "on", "laptops", "and", "phones", "with", "llama", "cpp", "in",
          "many", "languages", "every", "day", "quickly", "small", "memory"]
 
 
-def build_llama_bench() -> Path:
-    exe = BUILD / "bin" / "llama-bench"
-    if exe.is_file():
-        return exe
-    subprocess.run(["cmake", "-C", str(REPO / "cmake" / "cpu.cmake"), "-S", str(LLAMA_CPP), "-B", str(BUILD),
-                    "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                    "-DLLAMA_OPENSSL=OFF"], check=True)
-    subprocess.run(["nice", "-n", "10", "cmake", "--build", str(BUILD), "--target", "llama-bench", "-j2"], check=True)
-    return exe
-
-
 def nano_file(layers: int) -> Path:
+    """bench/common.py's Marco-Nano-shaped checkpoint with `layers` layers, converted with the Q4_K_M recipe."""
     from marco_gguf.convert import convert
-    from marco_gguf.demo import TINY_CONFIG, write_tiny_checkpoint
     from marco_gguf.quantize.recipe import preset
 
     path = OUT / f"marco-nano-L{layers}-Q4_K_M.gguf"
     if not path.is_file():
-        with tempfile.TemporaryDirectory(dir=OUT, prefix="nano-ckpt-") as tmp:
-            ckpt = write_tiny_checkpoint(Path(tmp) / "ckpt", {**TINY_CONFIG, **NANO, "num_hidden_layers": layers})
-            convert(ckpt, path, preset("Q4_K_M"))
+        convert(nano_checkpoint(layers), path, preset("Q4_K_M"))
     return path
 
 
@@ -96,40 +77,45 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--repetitions", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds of one timed run per runner")
     args = ap.parse_args()
     if shutil.which("cmake") is None or not (LLAMA_CPP / "CMakeLists.txt").is_file():
         sys.exit("needs cmake and llama.cpp's source (python scripts/fetch_llama_cpp.py)")
     OUT.mkdir(parents=True, exist_ok=True)
-    exe = build_llama_bench()
+    exe = build_tool("llama-bench")
     model = nano_file(args.layers)
     rounds = []
-    for i in range(args.rounds):
+    for i in range(args.rounds):  # interleaved, so that a burst of load elsewhere hits one round, not one runner
         print(f"round {i + 1}/{args.rounds}", file=sys.stderr)
-        rounds.append({"llama_bench": llama_bench(exe, model, args.threads, args.repetitions),
-                       "bench": marco_bench(model, args.threads, args.repetitions),
-                       "run": marco_run(model, args.threads)})
-    rows = {"llama-bench": [r["llama_bench"] for r in rounds],
-            "Python API (MarcoModel.complete)": [{k: r["bench"]["api"][k] for k in ("pp", "tg")} for r in rounds],
-            "`marco-gguf run`": [r["run"] for r in rounds],
-            "llama.cpp C API decode loop (`marco-gguf bench`)": [{k: r["bench"]["llama_cpp"][k] for k in ("pp", "tg")}
-                                                                  for r in rounds]}
-    ref = {k: statistics.median(r[k] for r in rows["llama-bench"]) for k in ("pp", "tg")}
-    last = rounds[-1]["bench"]
-    print(f"\n{model.name} ({model.stat().st_size / 2**20:.0f} MiB), {args.threads} threads, "
-          f"{args.rounds} rounds x {args.repetitions} repetitions\n")
+        ref = llama_bench(exe, model, args.threads, reps=1)
+        bench = marco_bench(model, args.threads, reps=1)
+        rounds.append({"llama-bench": ref, "Python API (MarcoModel.complete)": pick(bench["api"]),
+                       "`marco-gguf run`": marco_run(model, args.threads),
+                       "llama.cpp C API decode loop (`marco-gguf bench`)": pick(bench["llama_cpp"]),
+                       "bench": bench})
+    print(f"\n{model.name} ({model.stat().st_size / 2**20:.0f} MiB), {args.threads} threads, {args.rounds} rounds; "
+          "medians over rounds, ratio = median over rounds of (runner / llama-bench in the same round)\n")
     print("| runner | pp512 tokens/s | ratio | tg128 tokens/s | ratio |\n|---|---|---|---|---|")
-    for name, values in rows.items():
-        pp, tg = (statistics.median(v[k] for v in values) for k in ("pp", "tg"))
-        print(f"| {name} | {pp:.1f} | {pp / ref['pp']:.3f} | {tg:.2f} | {tg / ref['tg']:.3f} |")
-    bound = last["tg_bound"]
-    print(f"\nread bandwidth {last['read_bandwidth'] / 1e9:.1f} GB/s; generation reads "
-          f"{last['host_bytes_per_token'] / 2**20:.0f} MiB/token -> bound {bound:.1f} tokens/s; llama-bench tg "
-          f"reaches {100 * ref['tg'] / bound:.0f}% of it; peak RSS {last['peak_rss'] / 2**20:.0f} MiB")
+    for name in ("llama-bench", "Python API (MarcoModel.complete)", "`marco-gguf run`",
+                 "llama.cpp C API decode loop (`marco-gguf bench`)"):
+        cells = []
+        for k in ("pp", "tg"):
+            cells += [statistics.median(r[name][k] for r in rounds),
+                      statistics.median(r[name][k] / r["llama-bench"][k] for r in rounds)]
+        print(f"| {name} | {cells[0]:.1f} | {cells[1]:.3f} | {cells[2]:.2f} | {cells[3]:.3f} |")
+    bw = statistics.median(r["bench"]["read_bandwidth"] for r in rounds)
+    per_token = rounds[0]["bench"]["host_bytes_per_token"]
+    tg = statistics.median(r["llama-bench"]["tg"] for r in rounds)
+    print(f"\nread bandwidth {bw / 1e9:.1f} GB/s; generation reads {per_token / 2**20:.0f} MiB/token -> bound "
+          f"{bw / per_token:.1f} tokens/s; llama-bench tg reaches {100 * tg * per_token / bw:.0f}% of it; "
+          f"peak RSS {max(r['bench']['peak_rss'] for r in rounds) / 2**20:.0f} MiB")
     (OUT / "runtime_speed.json").write_text(json.dumps({"model": str(model), "threads": args.threads,
                                                         "rounds": rounds}, indent=2))
     return 0
+
+
+def pick(speeds: dict) -> dict[str, float]:
+    return {"pp": speeds["pp"], "tg": speeds["tg"]}
 
 
 if __name__ == "__main__":
