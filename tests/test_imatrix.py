@@ -31,6 +31,15 @@ CALIBRATION_TOKENS = 620  # 20 tokens in each of the 31 languages
 N_EXPERT, N_USED, HIDDEN, WIDTH = 8, 2, 256, 96  # conftest's TINY
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run as fast on one thread, and steadily when other jobs share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_imatrix(ckpt: Path, out: Path, *args: str):
     result = CliRunner().invoke(app, ["imatrix", str(ckpt), "-o", str(out), "--max-tokens", str(CALIBRATION_TOKENS),
                                       "--json", *args])

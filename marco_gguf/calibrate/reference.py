@@ -59,6 +59,7 @@ class ReferenceModel:
 
     def __init__(self, src: str | Path, threads: int | None = None):
         self.torch = require_torch()
+        self._threads = self.torch.get_num_threads()  # restored by close(): the setting is process-wide
         if threads:
             self.torch.set_num_threads(threads)
         self.ckpt = Checkpoint.open(resolve_source(str(src)))
@@ -70,7 +71,7 @@ class ReferenceModel:
             if kind not in (None, "linear"):
                 raise MarcoError(f"the reference forward pass does not implement {kind} rope scaling")
         except BaseException:
-            self.ckpt.close()
+            self.close()
             raise
 
     @property
@@ -90,6 +91,7 @@ class ReferenceModel:
 
     def close(self) -> None:
         self.ckpt.close()
+        self.torch.set_num_threads(self._threads)
 
     def weight(self, name: str, matrix: int | None = None) -> torch.Tensor:
         """A whole tensor, or one expert matrix of a stacked expert tensor, as float32."""
@@ -185,15 +187,19 @@ class ReferenceModel:
             observer.routed(layer, top_i)
         out = torch.zeros_like(h)
         gate, up, down = blk + "ffn_gate_exps.weight", blk + "ffn_up_exps.weight", blk + "ffn_down_exps.weight"
-        for e in torch.unique(top_i).tolist():
-            tokens, slot = torch.where(top_i == e)
+        order = torch.argsort(top_i.reshape(-1), stable=True)  # (token, slot) pairs grouped by expert
+        per_expert = torch.bincount(top_i.reshape(-1), minlength=hp.n_expert).tolist()
+        for e, group in enumerate(torch.split(order, per_expert)):
+            if not len(group):
+                continue  # an expert no token chose: not even read
+            tokens, slot = group // hp.n_expert_used, group % hp.n_expert_used
             xe = h[tokens]
             if observer:
                 observer.matmul_input((gate, up), xe, e)
             a = torch.nn.functional.silu(xe @ self.weight(gate, e).T) * (xe @ self.weight(up, e).T)
             if observer:
                 observer.matmul_input((down,), a, e)
-            out.index_add_(0, tokens, (a @ self.weight(down, e).T) * top_p[tokens, slot, None])
+            out[tokens] += (a @ self.weight(down, e).T) * top_p[tokens, slot, None]  # each token once per expert
         return out
 
     def logits(self, hidden: torch.Tensor, lengths: Sequence[int]) -> Iterator[torch.Tensor]:

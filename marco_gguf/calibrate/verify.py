@@ -17,6 +17,7 @@ import numpy as np
 from marco_gguf.calibrate.reference import ReferenceModel
 from marco_gguf.calibrate.text import Sample
 from marco_gguf.errors import MarcoError
+from marco_gguf.gguf_file import GGUFFile
 from marco_gguf.ui import count_progress
 
 ROWS = 64  # positions per block when comparing distributions over a 152k vocabulary
@@ -26,13 +27,12 @@ def token_metrics(ref_logits, logits) -> tuple[np.ndarray, np.ndarray]:
     """Per position: KL(reference || model) in nats and whether the top-1 tokens agree."""
     import torch
 
-    kl, top1 = [], []
+    kl = []
     for i in range(0, ref_logits.shape[0], ROWS):
         lp = torch.log_softmax(ref_logits[i:i + ROWS].float(), dim=-1)
         lq = torch.log_softmax(logits[i:i + ROWS].float(), dim=-1)
-        kl.append((lp.exp() * (lp - lq)).double().sum(-1).clamp_min(0).numpy())
-        top1.append((lp.argmax(-1) == lq.argmax(-1)).numpy())
-    return np.concatenate(kl), np.concatenate(top1)
+        kl.append((lp.exp() * (lp - lq)).sum(-1, dtype=torch.float64).clamp_min(0).numpy())
+    return np.concatenate(kl), (ref_logits.argmax(-1) == logits.argmax(-1)).numpy()
 
 
 def summarize(kl: np.ndarray, top1: np.ndarray) -> dict:
@@ -59,16 +59,16 @@ class Comparison:
         return {"overall": overall, "languages": langs}
 
 
-def check_same_model(model, ref: ReferenceModel) -> None:
-    """Refuse a loaded GGUF model whose shape is not the reference checkpoint's."""
-    hp, meta = ref.hp, model.meta
-    arch = meta.get("general.architecture")
+def check_same_model(path: Path, ref: ReferenceModel) -> None:
+    """Refuse a GGUF file whose shape is not the reference checkpoint's (before any work is done)."""
+    f = GGUFFile(path)
+    arch, hp = f.architecture, ref.hp
+    embd = next((t.shape for t in f.tensors if t.name == "token_embd.weight"), (None, None))
     ours = (hp.n_layer, hp.n_embd, hp.n_expert, hp.vocab_size)
-    theirs = (meta.get(f"{arch}.block_count"), meta.get(f"{arch}.embedding_length"),
-              meta.get(f"{arch}.expert_count"), model.llama.n_vocab())
+    theirs = (f.get(f"{arch}.block_count"), f.get(f"{arch}.embedding_length"), f.get(f"{arch}.expert_count"), embd[0])
     if ours != theirs:
-        raise MarcoError(f"{model.path.name} (layers, hidden, experts, vocabulary = {theirs}) is not a conversion "
-                         f"of {ref.path.name} ({ours})")
+        raise MarcoError(f"{path.name} (layers, hidden, experts, vocabulary = {theirs}) is not a conversion of "
+                         f"{ref.path.name} ({ours})")
 
 
 def compare(path: Path, ref: ReferenceModel, hidden, samples: Sequence[Sample], threads: int | None,
@@ -82,7 +82,6 @@ def compare(path: Path, ref: ReferenceModel, hidden, samples: Sequence[Sample], 
     model = load_model(path, n_ctx=n_ctx, threads=threads, logits_all=True, kv_type="f32")
     result = Comparison()
     try:
-        check_same_model(model, ref)
         total = sum(len(s.ids) for s in samples)
         with count_progress(total, f"llama.cpp: {path.name}", progress) as advance:
             for sample, ref_logits in zip(samples, ref.logits(hidden, [len(s.ids) for s in samples]), strict=True):
@@ -100,6 +99,7 @@ def verify(path: Path, ref: ReferenceModel, samples: Sequence[Sample], threads: 
     from marco_gguf.convert import convert
     from marco_gguf.quantize.recipe import uniform
 
+    check_same_model(path, ref)
     total = sum(len(s.ids) for s in samples)
     with count_progress(total * ref.hp.n_layer, f"reference: {total:,} tokens x {ref.hp.n_layer} layers",
                         progress) as advance:

@@ -1,0 +1,93 @@
+"""`marco-gguf verify`: llama.cpp running a GGUF file against the reference forward pass of its checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from marco_gguf.cli import app
+from marco_gguf.convert import convert
+from marco_gguf.demo import write_tiny_checkpoint
+from marco_gguf.quantize.recipe import preset, uniform
+
+TOKENS = 400  # ~13 tokens in each of the 31 languages
+KAZAKH = "Қазақстан – Орталық Азиядағы мемлекет. Астанасы – Астана қаласы, ең ірі қаласы – Алматы."
+THAI = "ประเทศไทยตั้งอยู่ในเอเชียตะวันออกเฉียงใต้ เมืองหลวงคือกรุงเทพมหานคร"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run as fast on one thread, and steadily when other jobs share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_verify(model: Path, reference: Path, *args: str):
+    return CliRunner().invoke(app, ["verify", str(model), "--reference", str(reference), "--max-tokens", str(TOKENS),
+                                    "--threads", "1", *args])
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("verify")
+    return {name: convert(tiny_ckpt, folder / f"tiny-{name}.gguf", preset(name), progress=False).path
+            for name in ("Q8_0", "Q2_K")}
+
+
+def test_f32_file_agrees_with_the_reference_and_sets_the_floor(tiny_f32, tiny_ckpt):
+    result = run_verify(tiny_f32, tiny_ckpt, "--json", "--min-top1", "0.99")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    model, floor = report["model"], report["floor"]
+    assert model["overall"]["top1"] >= 0.99  # llama.cpp's f32 kernels vs torch: measured 100%
+    assert model["overall"]["kl_mean"] < 1e-5 and floor["overall"]["kl_mean"] < 1e-5
+    assert len(model["languages"]) == 31 and floor["languages"].keys() == model["languages"].keys()
+    assert sum(m["tokens"] for m in model["languages"].values()) == model["overall"]["tokens"]
+    assert 0.9 * TOKENS < model["overall"]["tokens"] <= TOKENS
+    assert report["passed"] is True and "evaluation split" in report["text"]
+
+
+def test_q2_k_agrees_less_than_q8_0_and_exit_codes(quantized, tiny_ckpt):
+    """--min-top1 0.5: Q8_0 (measured ~85% on this random model) passes, Q2_K (~17%) fails with exit code 3."""
+    reports = {}
+    for name, code in (("Q8_0", 0), ("Q2_K", 3)):
+        result = run_verify(quantized[name], tiny_ckpt, "--json", "--no-floor", "--min-top1", "0.5")
+        assert result.exit_code == code, result.output
+        reports[name] = json.loads(result.stdout)  # the report comes before the verdict
+        assert reports[name]["floor"] is None and reports[name]["passed"] is (code == 0)
+    q8, q2 = reports["Q8_0"]["model"]["overall"], reports["Q2_K"]["model"]["overall"]
+    assert q2["top1"] < q8["top1"]
+    assert q2["kl_mean"] > 3 * q8["kl_mean"] and q2["kl_p99"] > q8["kl_p99"]
+    assert result.stderr.strip().splitlines() == [f"error: top-1 agreement {q2['top1']:.4f} is below --min-top1 0.5"]
+
+
+def test_own_text_and_table_output(quantized, tiny_ckpt, tmp_path):
+    text = tmp_path / "three.jsonl"
+    records = [{"lang": "kk", "text": KAZAKH}, {"lang": "th", "text": THAI}, {"text": "No language given."}]
+    text.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    result = run_verify(quantized["Q8_0"], tiny_ckpt, "--no-floor", "--text", str(text))
+    assert result.exit_code == 0, result.output
+    rows = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.count("│") > 4]
+    assert rows == ["kk", "text", "th", "overall"]  # a row per language, then the total
+    assert "three.jsonl" in result.stdout
+
+
+def test_bad_input_is_one_line_and_a_non_zero_exit(tiny_f32, tiny_ckpt, tmp_path):
+    other = write_tiny_checkpoint(tmp_path / "other")  # 4 layers and 16 experts, not the tiny fixture's 3 and 8
+    other_gguf = convert(other, tmp_path / "other.gguf", uniform("F16"), progress=False).path
+    for args, message in (
+        ([str(tmp_path / "missing.gguf"), "-r", str(tiny_ckpt)], "does not exist"),
+        ([str(tiny_f32), "-r", str(tmp_path / "nowhere")], "not a checkpoint folder"),
+        ([str(other_gguf), "-r", str(tiny_ckpt)], "is not a conversion of"),
+        ([str(tiny_f32), "-r", str(tiny_ckpt), "--text", str(tmp_path / "none.jsonl")], "does not exist"),
+    ):
+        result = CliRunner().invoke(app, ["verify", *args, "--no-floor"])
+        assert result.exit_code == 1, result.output
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert CliRunner().invoke(app, ["verify", str(tiny_f32), "-r", str(tiny_ckpt), "--min-top1", "1.5"]).exit_code == 2
