@@ -285,3 +285,19 @@ def test_presets_that_need_an_imatrix_refuse_to_run_without_one(tiny_ckpt, tmp_p
     with pytest.raises(MarcoError, match="was it made for another model"):
         bad = {"blk.0.ffn_down_exps.weight": np.ones((N_EXPERT, HIDDEN), np.float32)}
         convert(tiny_ckpt, tmp_path / "y.gguf", preset("Q4_K_M"), imatrix=bad, progress=False)
+
+
+def test_imatrix_bad_input_is_one_line_and_leaves_nothing(calibrated, tiny_ckpt, tmp_path):
+    path, _ = calibrated
+    before = path.read_bytes()
+    for args, message in (
+        ([str(tiny_ckpt), "-o", str(path)], "already exists"),
+        ([str(tmp_path / "nowhere"), "-o", str(tmp_path / "a.gguf")], "not a checkpoint folder"),
+        ([str(tiny_ckpt), "-o", str(tmp_path / "b.gguf"), "--text", str(tmp_path / "none.txt")], "does not exist"),
+        ([str(tiny_ckpt), "-o", str(tmp_path / "c.gguf"), "--max-tokens", "0"], "at least 1"),
+    ):
+        result = CliRunner().invoke(app, ["imatrix", *args])
+        assert result.exit_code == 1, result.output
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial"))

@@ -59,9 +59,6 @@ class ReferenceModel:
 
     def __init__(self, src: str | Path, threads: int | None = None):
         self.torch = require_torch()
-        self._threads = self.torch.get_num_threads()  # restored by close(): the setting is process-wide
-        if threads:
-            self.torch.set_num_threads(threads)
         self.ckpt = Checkpoint.open(resolve_source(str(src)))
         try:
             self.arch = find_architecture(self.ckpt.config)
@@ -71,8 +68,11 @@ class ReferenceModel:
             if kind not in (None, "linear"):
                 raise MarcoError(f"the reference forward pass does not implement {kind} rope scaling")
         except BaseException:
-            self.close()
+            self.ckpt.close()
             raise
+        self._threads = self.torch.get_num_threads()  # restored by close(): the setting is process-wide
+        if threads:
+            self.torch.set_num_threads(threads)
 
     @property
     def path(self) -> Path:
