@@ -10,7 +10,7 @@
    (once, kept in bench/out);
 3. per round, on the same file and threads, one timed run each (after a warm-up) of: llama-bench
    pp512/tg128 (-fa 0, as load_model's default), `marco-gguf bench` (the Python API and llama.cpp's
-   decode loop through the C API), and `marco-gguf run` with a ~500-token prompt and 128 greedy tokens;
+   decode loop through the C API), and `marco-gguf run` (a ~500-token prompt; 128 greedy tokens);
 4. prints a markdown table (medians over rounds; each ratio is the median of the per-round ratios to
    llama-bench) and writes bench/out/runtime_speed.json.
 
@@ -64,13 +64,18 @@ def marco_bench(model: Path, threads: int, reps: int) -> dict:
 
 
 def marco_run(model: Path, threads: int) -> dict[str, float]:
-    prompt = " ".join(WORDS[i * 7 % len(WORDS)] for i in range(500))  # about 500 tokens
-    proc = subprocess.run([sys.executable, "-m", "marco_gguf", "run", str(model), "-p", prompt, "-n", "128",
-                           "--greedy", "-t", str(threads), "--ctx", "1024", "--json"],
-                          capture_output=True, text=True, check=True)
-    r = json.loads(proc.stdout)
-    return {"pp": r["prompt_tokens_per_second"], "tg": r["generation_tokens_per_second"],
-            "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"]}
+    """`marco-gguf run` twice: a ~500-token prompt for pp, then a one-word prompt and 128 greedy tokens for tg
+    (from an almost empty KV cache, as llama-bench's tg128 is; generation after a long prompt is slower)."""
+    def run(prompt: str, n: int) -> dict:
+        proc = subprocess.run([sys.executable, "-m", "marco_gguf", "run", str(model), "-p", prompt, "-n", str(n),
+                               "--greedy", "-t", str(threads), "--ctx", "1024", "--json"],
+                              capture_output=True, text=True, check=True)
+        return json.loads(proc.stdout)
+
+    long = run(" ".join(WORDS[i * 7 % len(WORDS)] for i in range(500)), 1)  # about 500 tokens
+    short = run("marco", 128)
+    return {"pp": long["prompt_tokens_per_second"], "tg": short["generation_tokens_per_second"],
+            "prompt_tokens": long["prompt_tokens"], "completion_tokens": short["completion_tokens"]}
 
 
 def main() -> int:
@@ -87,8 +92,11 @@ def main() -> int:
     rounds = []
     for i in range(args.rounds):  # interleaved, so that a burst of load elsewhere hits one round, not one runner
         print(f"round {i + 1}/{args.rounds}", file=sys.stderr)
-        ref = llama_bench(exe, model, args.threads, reps=1)
+        if i % 2 == 0:  # llama-bench first in even rounds, last in odd ones
+            ref = llama_bench(exe, model, args.threads, reps=1)
         bench = marco_bench(model, args.threads, reps=1)
+        if i % 2 == 1:
+            ref = llama_bench(exe, model, args.threads, reps=1)
         rounds.append({"llama-bench": ref, "Python API (MarcoModel.complete)": pick(bench["api"]),
                        "`marco-gguf run`": marco_run(model, args.threads),
                        "llama.cpp C API decode loop (`marco-gguf bench`)": pick(bench["llama_cpp"]),
@@ -103,6 +111,9 @@ def main() -> int:
             cells += [statistics.median(r[name][k] for r in rounds),
                       statistics.median(r[name][k] / r["llama-bench"][k] for r in rounds)]
         print(f"| {name} | {cells[0]:.1f} | {cells[1]:.3f} | {cells[2]:.2f} | {cells[3]:.3f} |")
+    cpu = {k: statistics.median(r["bench"]["cpu_time_ratio"][k] for r in rounds) for k in ("pp", "tg")}
+    print(f"\nPython API / C API decode loop in CPU time (the work itself, whatever else runs): "
+          f"pp {cpu['pp']:.3f}, tg {cpu['tg']:.3f}")
     bw = statistics.median(r["bench"]["read_bandwidth"] for r in rounds)
     per_token = rounds[0]["bench"]["host_bytes_per_token"]
     tg = statistics.median(r["llama-bench"]["tg"] for r in rounds)

@@ -35,6 +35,7 @@ def test_bench_measures_api_and_raw_loop_on_the_same_file(tiny_f32, capsys):
         assert len(r[runner]["pp_runs"]) == 2 and len(r[runner]["tg_runs"]) == 2
         assert all(x > 0 for x in r[runner]["pp_runs"] + r[runner]["tg_runs"]) and r[runner]["load_s"] > 0
     assert r["ratio"]["tg"] == r["api"]["tg"] / r["llama_cpp"]["tg"]
+    assert r["cpu_time_ratio"]["pp"] == r["api"]["pp_cpu"] / r["llama_cpp"]["pp_cpu"] and r["api"]["tg_cpu"] > 0
     assert r["host_bytes_per_token"] == expected_bytes_per_token(position=4)
     assert r["tg_bound"] == r["read_bandwidth"] / r["host_bytes_per_token"] and r["read_bandwidth"] > 1e8
     assert r["peak_rss"] > tiny_f32.stat().st_size // 2

@@ -38,19 +38,33 @@ class Settings:
 
 @dataclass
 class Speeds:
-    """Median tokens/s of prompt processing and generation, each run's numbers, and the load time."""
+    """Median tokens/s of prompt processing and generation, each run's numbers, and the load time.
+
+    pp_cpu / tg_cpu: tokens per second of this process's CPU time. With one thread they count only the
+    work done, not the time other programs held the core, so they compare runners on a busy machine.
+    """
 
     pp: float
     tg: float
+    pp_cpu: float
+    tg_cpu: float
     load_s: float
     pp_runs: list[float] = field(default_factory=list)
     tg_runs: list[float] = field(default_factory=list)
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+Rates = tuple[float, float]  # (tokens per wall-clock second, tokens per CPU second) of one run
+
+
+class Clock:
+    """Wall-clock and process CPU seconds of a `with` block."""
+
+    def __enter__(self) -> Clock:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall0, time.process_time() - self.cpu0
 
 
 def random_tokens(n: int, n_vocab: int, seed: int) -> list[int]:
@@ -58,7 +72,17 @@ def random_tokens(n: int, n_vocab: int, seed: int) -> list[int]:
     return [rng.randrange(n_vocab) for _ in range(n)]
 
 
-def bench_api(path: Path, s: Settings) -> Speeds:
+@dataclass
+class Runner:
+    """A loaded model: one timed prompt-processing run, one timed generation run, and its release."""
+
+    load_s: float
+    pp: Callable[[], Rates]
+    tg: Callable[[], Rates]
+    close: Callable[[], None]
+
+
+def api_runner(path: Path, s: Settings) -> Runner:
     """The Python API: load_model, then MarcoModel.complete on random token prompts (greedy), reading
     the Completion's own prompt and generation tokens/s. Each run starts with another token, so
     nothing comes from the KV cache of the run before."""
@@ -71,19 +95,19 @@ def bench_api(path: Path, s: Settings) -> Speeds:
     n_vocab = model.require_llama().n_vocab()
     runs = iter(range(1, 10**6))
 
-    def pp() -> float:
-        done = model.complete(random_tokens(s.n_prompt, n_vocab, seed=next(runs)), max_tokens=1, temperature=0.0)
-        return checked(done.prompt_tokens_per_second, done)
+    def pp() -> Rates:
+        prompt = random_tokens(s.n_prompt, n_vocab, seed=next(runs))
+        with Clock() as clock:
+            done = model.complete(prompt, max_tokens=1, temperature=0.0)
+        return checked(done.prompt_tokens_per_second, done), s.n_prompt / clock.cpu
 
-    def tg() -> float:
-        done = model.complete(random_tokens(1, n_vocab, seed=next(runs)), max_tokens=s.n_gen, temperature=0.0)
-        return checked(done.generation_tokens_per_second, done)
+    def tg() -> Rates:  # n tokens: the 1-token prompt's decode, then n - 1 more, each sampled
+        prompt = random_tokens(1, n_vocab, seed=next(runs))
+        with Clock() as clock:
+            done = model.complete(prompt, max_tokens=s.n_gen, temperature=0.0)
+        return checked(done.generation_tokens_per_second, done), done.completion_tokens / clock.cpu
 
-    try:
-        pp_runs, tg_runs = repeat(pp, tg, s.repetitions)
-    finally:
-        model.close()
-    return Speeds(statistics.median(pp_runs), statistics.median(tg_runs), load_s, pp_runs, tg_runs)
+    return Runner(load_s, pp, tg, model.close)
 
 
 def checked(rate: float | None, done: Any) -> float:
@@ -98,16 +122,7 @@ def placement_kwargs(s: Settings) -> dict:
     return {k: v for k, v in (("experts_on_cpu", s.experts_on_cpu), ("n_cpu_moe", s.n_cpu_moe)) if v}
 
 
-def repeat(pp: Callable[[], float], tg: Callable[[], float], repetitions: int) -> tuple[list[float], list[float]]:
-    """One warm-up run of each (as llama-bench does), then the timed repetitions."""
-    pp()
-    tg()
-    pp_runs = [pp() for _ in range(repetitions)]
-    tg_runs = [tg() for _ in range(repetitions)]
-    return pp_runs, tg_runs
-
-
-def bench_raw(path: Path, s: Settings, threads: int) -> Speeds:
+def raw_runner(path: Path, s: Settings) -> Runner:
     """llama.cpp's own decode loop through its C API, as llama-bench runs it: one llama_decode of n_prompt
     random tokens for pp, n_gen single-token llama_decode calls for tg, each from an empty KV cache."""
     import llama_cpp as ll
@@ -128,7 +143,7 @@ def bench_raw(path: Path, s: Settings, threads: int) -> Speeds:
     cparams = ll.llama_context_default_params()
     cparams.n_ctx = s.n_prompt + s.n_gen
     cparams.n_batch, cparams.n_ubatch = 2048, 512  # llama-bench's defaults
-    cparams.n_threads = cparams.n_threads_batch = threads
+    cparams.n_threads = cparams.n_threads_batch = s.threads
     cparams.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
     ctx = ll.llama_init_from_model(model, cparams)
     load_s = time.perf_counter() - t0
@@ -143,29 +158,50 @@ def bench_raw(path: Path, s: Settings, threads: int) -> Speeds:
         if ll.llama_decode(ctx, ll.llama_batch_get_one(arr, len(tokens))) != 0:
             raise MarcoError("llama_decode failed")
 
-    def pp() -> float:
+    def pp() -> Rates:
         ll.llama_memory_clear(memory, False)
         prompt = random_tokens(s.n_prompt, n_vocab, seed=0)
-        t0 = time.perf_counter()
-        decode(prompt)
-        ll.llama_synchronize(ctx)
-        return s.n_prompt / (time.perf_counter() - t0)
+        with Clock() as clock:
+            decode(prompt)
+            ll.llama_synchronize(ctx)
+        return s.n_prompt / clock.wall, s.n_prompt / clock.cpu
 
-    def tg() -> float:
+    def tg() -> Rates:
         ll.llama_memory_clear(memory, False)
         tokens = random_tokens(s.n_gen, n_vocab, seed=1)
-        t0 = time.perf_counter()
-        for token in tokens:
-            decode([token])
-            ll.llama_synchronize(ctx)
-        return s.n_gen / (time.perf_counter() - t0)
+        with Clock() as clock:
+            for token in tokens:
+                decode([token])
+                ll.llama_synchronize(ctx)
+        return s.n_gen / clock.wall, s.n_gen / clock.cpu
 
-    try:
-        pp_runs, tg_runs = repeat(pp, tg, s.repetitions)
-    finally:
+    def close() -> None:
         ll.llama_free(ctx)
         ll.llama_model_free(model)
-    return Speeds(statistics.median(pp_runs), statistics.median(tg_runs), load_s, pp_runs, tg_runs)
+
+    return Runner(load_s, pp, tg, close)
+
+
+def measure(runners: list[Runner], repetitions: int) -> list[Speeds]:
+    """A warm-up run of each test (as llama-bench does), then the timed repetitions, the runners taking
+    turns (first one, then the other), so that a change in the machine's load hits both alike."""
+    for r in runners:
+        r.pp()
+        r.tg()
+    pp_runs: list[list[Rates]] = [[] for _ in runners]
+    tg_runs: list[list[Rates]] = [[] for _ in runners]
+    for rep in range(repetitions):
+        order = list(enumerate(runners))[:: 1 if rep % 2 == 0 else -1]
+        for i, r in order:
+            pp_runs[i].append(r.pp())
+        for i, r in order:
+            tg_runs[i].append(r.tg())
+
+    def median(runs: list[Rates], k: int) -> float:
+        return statistics.median(x[k] for x in runs)
+
+    return [Speeds(median(pp, 0), median(tg, 0), median(pp, 1), median(tg, 1), r.load_s,
+                   [x[0] for x in pp], [x[0] for x in tg]) for r, pp, tg in zip(runners, pp_runs, tg_runs, strict=True)]
 
 
 def read_bandwidth(threads: int, size: int = 512 * 2**20, repetitions: int = 5) -> float:
@@ -192,7 +228,8 @@ def peak_rss() -> int:
 
 
 def run_bench(path: Path | str, s: Settings) -> dict:
-    """Measure the API and the raw loop on the same file and threads; compare with the bandwidth bound."""
+    """Measure the API and the raw loop on the same file and threads, both loaded at once and taking turns;
+    compare generation with the bandwidth bound. peak_rss is the process's peak with the API's model alone."""
     from marco_gguf.runtime.model import check_gguf
 
     path = Path(path)
@@ -202,9 +239,14 @@ def run_bench(path: Path | str, s: Settings) -> dict:
     threads = s.threads or len(os.sched_getaffinity(0))
     s = Settings(**{**asdict(s), "threads": threads})
     footprint = Footprint.of(path)
-    api = bench_api(path, s)
-    rss = peak_rss()
-    raw = bench_raw(path, s, threads)
+    runners = [api_runner(path, s)]
+    rss = peak_rss()  # the API's model loaded, before the second copy for the raw loop
+    try:
+        runners.append(raw_runner(path, s))
+        api, raw = measure(runners, s.repetitions)
+    finally:
+        for r in runners:
+            r.close()
     bandwidth = read_bandwidth(threads)
     per_token = host_bytes_per_token(footprint, s)
     bound = bandwidth / per_token if per_token else None
@@ -212,6 +254,7 @@ def run_bench(path: Path | str, s: Settings) -> dict:
         "model": str(path), "settings": asdict(s),
         "api": asdict(api), "llama_cpp": asdict(raw),
         "ratio": {"pp": api.pp / raw.pp, "tg": api.tg / raw.tg},
+        "cpu_time_ratio": {"pp": api.pp_cpu / raw.pp_cpu, "tg": api.tg_cpu / raw.tg_cpu},
         "peak_rss": rss,
         "host_bytes_per_token": per_token, "read_bandwidth": bandwidth, "tg_bound": bound,
         "tg_of_bound": {"api": api.tg / bound, "llama_cpp": raw.tg / bound} if bound else None,

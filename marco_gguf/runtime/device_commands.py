@@ -147,6 +147,9 @@ def show_bench(r: dict) -> None:
                   title=f"{Path(r['model']).name}, {s['threads']} threads, median of {s['repetitions']}")
     table.add_row(f"pp{s['n_prompt']} tokens/s", f"{api['pp']:.1f}", f"{raw['pp']:.1f}", f"{r['ratio']['pp']:.3f}")
     table.add_row(f"tg{s['n_gen']} tokens/s", f"{api['tg']:.2f}", f"{raw['tg']:.2f}", f"{r['ratio']['tg']:.3f}")
+    cpu = r["cpu_time_ratio"]
+    table.add_row("pp per CPU second", f"{api['pp_cpu']:.1f}", f"{raw['pp_cpu']:.1f}", f"{cpu['pp']:.3f}")
+    table.add_row("tg per CPU second", f"{api['tg_cpu']:.2f}", f"{raw['tg_cpu']:.2f}", f"{cpu['tg']:.3f}")
     table.add_row("load s", f"{api['load_s']:.2f}", f"{raw['load_s']:.2f}", "")
     console.print(table)
     console.print(f"peak RSS {format_bytes(r['peak_rss'])}; read bandwidth {r['read_bandwidth'] / 1e9:.1f} GB/s")
