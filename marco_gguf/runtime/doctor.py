@@ -67,8 +67,14 @@ class Host:
                    total, available)
 
 
+# the instruction-set flags that decide a llama.cpp build (x86 /proc/cpuinfo flags, ARM Features)
+BUILD_FLAGS = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512vbmi", "avx512_vnni",
+               "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimdhp", "asimddp", "i8mm", "sve", "sve2",
+               "sme"}
+
+
 def cpu_flags() -> list[str]:
-    """The CPU's instruction-set flags (Linux: /proc/cpuinfo flags or ARM Features; else empty)."""
+    """The CPU's instruction-set flags that matter to llama.cpp (Linux: /proc/cpuinfo; elsewhere empty)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -76,7 +82,7 @@ def cpu_flags() -> list[str]:
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
-            return sorted(set(value.split()))
+            return sorted(set(value.split()) & BUILD_FLAGS)
     return []
 
 
