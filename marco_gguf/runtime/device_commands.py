@@ -58,7 +58,7 @@ def doctor(
     from marco_gguf.runtime.doctor import diagnose
 
     if ctx < 1:
-        raise typer.BadParameter("--ctx must be at least 1")
+        raise MarcoError("--ctx must be at least 1")
     report = diagnose(model, ctx)
     if as_json:
         print_json(report)
@@ -131,7 +131,7 @@ def bench(
     from marco_gguf.runtime.bench import Settings, run_bench
 
     if threads is not None and threads < 1:
-        raise typer.BadParameter("--threads must be at least 1")
+        raise MarcoError("--threads must be at least 1")
     settings = Settings(n_prompt, n_gen, repetitions, threads, n_gpu_layers, experts_on_cpu, n_cpu_moe)
     with err.status("benchmarking: the Python API, then llama.cpp's decode loop"):
         result = run_bench(model, settings)
