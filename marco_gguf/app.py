@@ -28,16 +28,18 @@ app = typer.Typer(
 def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
     """`app.command`, with failures turned into one line on stderr and a non-zero exit code.
 
-    MarcoError and OSError exit 1, Ctrl-C exits 130, anything else is reported as an internal
-    error (exit 2; set MARCO_GGUF_DEBUG=1 for the traceback).
+    MarcoError and OSError exit 1, a bad option value exits 2, Ctrl-C exits 130, anything else is
+    reported as an internal error (exit 2; set MARCO_GGUF_DEBUG=1 for the traceback).
     """
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*a: Any, **k: Any) -> Any:
             try:
                 return fn(*a, **k)
-            except (typer.Exit, typer.Abort, click.ClickException):
+            except (typer.Exit, typer.Abort):
                 raise
+            except (typer.BadParameter, click.BadParameter) as exc:  # typer >= 0.29 has its own click copy
+                fail(exc.format_message(), code=2)
             except MarcoError as exc:
                 fail(str(exc))
             except OSError as exc:

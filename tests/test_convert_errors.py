@@ -161,3 +161,9 @@ def test_hub_id_without_network_or_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = run("convert", "AIDC-AI/Marco-Nano-Instruct", "-o", str(tmp_path / "x.gguf"))
     assert_one_line_error(result, "AIDC-AI/Marco-Nano-Instruct")
+
+
+def test_bad_option_value_is_one_line(ckpt, tmp_path):
+    result = run("convert", str(ckpt), "-o", str(tmp_path / "x.gguf"), "--outtype", "q4")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: Invalid value: --outtype must be one of f32, f16, bf16, q8_0"

@@ -13,10 +13,13 @@ from __future__ import annotations
 import ctypes
 import re
 import unicodedata
+from typing import TYPE_CHECKING
 
-import llama_cpp
 import numpy as np
 from gguf import TokenType
+
+if TYPE_CHECKING:
+    import llama_cpp
 
 
 def nfc(text: str) -> str:
@@ -35,6 +38,9 @@ class Vocab:
     """llama.cpp's vocabulary of a loaded model, with Hugging Face-compatible tokenization."""
 
     def __init__(self, vocab: llama_cpp.llama_vocab_p, token_types: np.ndarray | None):
+        import llama_cpp  # here, not at import: the CLI (build-runtime, doctor) must work without it
+
+        self.lib = llama_cpp
         self.ptr = vocab
         self.n_tokens = llama_cpp.llama_vocab_n_tokens(vocab)
         types = np.zeros(0, dtype=np.int32) if token_types is None else np.asarray(token_types)
@@ -48,10 +54,10 @@ class Vocab:
 
     def text(self, token: int) -> str:
         """The token's entry in the vocabulary (for added tokens, their literal text)."""
-        return llama_cpp.llama_vocab_get_text(self.ptr, token).decode("utf-8", errors="replace")
+        return self.lib.llama_vocab_get_text(self.ptr, token).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.ptr, token))
+        return bool(self.lib.llama_vocab_is_eog(self.ptr, token))
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """Token ids as Hugging Face's tokenizer makes them (no BOS: Qwen adds none).
@@ -73,8 +79,8 @@ class Vocab:
         data = text.encode("utf-8")
         size = len(data) + 8
         while True:
-            buf = (llama_cpp.llama_token * size)()
-            n = llama_cpp.llama_tokenize(self.ptr, data, len(data), buf, size, False, False)
+            buf = (self.lib.llama_token * size)()
+            n = self.lib.llama_tokenize(self.ptr, data, len(data), buf, size, False, False)
             if n >= 0:
                 return buf[:n]
             size = -n
@@ -86,7 +92,7 @@ class Vocab:
             size = 64
             while True:
                 buf = ctypes.create_string_buffer(size)
-                n = llama_cpp.llama_token_to_piece(self.ptr, token, buf, size, 0, True)
+                n = self.lib.llama_token_to_piece(self.ptr, token, buf, size, 0, True)
                 if n >= 0:
                     break
                 size = -n
