@@ -35,12 +35,15 @@ OUT=${OUT:-bench/out/gpu}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 [ -d /usr/local/cuda/bin ] && export PATH=/usr/local/cuda/bin:$PATH
+# The image's `cmake` and `ninja` are pip shims that pip's isolated build environment cannot import
+# (seen on the H200, 2026-11-26): put the binaries inside those packages on PATH instead.
+export PATH=$(python3 -c "import cmake; print(cmake.CMAKE_BIN_DIR)"):$(python3 -c "import ninja; print(ninja.BIN_DIR)"):$PATH
 nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 ARCH=${CUDA_ARCH:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '.')}
 export PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/$CARRY CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 python3 -m pip install -q gguf diskcache
 python3 -m pip install -q --no-deps --no-build-isolation -e .
-M="python3 -m marco_gguf"
+M="python3 -X faulthandler -m marco_gguf"  # a crash prints the Python stack it happened under
 
 echo "== build llama-cpp-python $VERSION with cmake/cuda.cmake for sm_$ARCH"
 start=$(date +%s)
