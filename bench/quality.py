@@ -115,6 +115,14 @@ DOWN_TYPES = ("MXFP4", "Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 GATE_UP_TYPES = ("IQ2_S", "Q2_K", "IQ3_S", "Q3_K", "IQ4_XS", "IQ4_NL", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 ATTN_TYPES = ("IQ3_S", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 ENGLISH_PRESETS = ("Q2_K", "IQ3_M", "IQ2_M")  # low-bit presets, also with an English-only imatrix
+# Types for the down projections whose rows no k-quant holds, (normal layers, more-bits layers), and
+# optionally a stronger type for gate/up in more-bits layers (to spend what the down projections save)
+DOWN_CANDIDATES = {
+    "Q4_K_M": (("IQ4_NL", "Q5_0"), ("IQ4_NL", "Q8_0"), ("Q5_0", "Q5_0"), ("Q5_0", "Q8_0"), ("Q4_0", "Q5_0"),
+               ("MXFP4", "Q5_0"), ("IQ4_NL", "Q5_0", "Q5_K"), ("Q5_0", "Q5_0", "Q5_K")),
+    "Q3_K_M": (("MXFP4", "IQ4_NL"), ("IQ4_NL", "IQ4_NL"), ("IQ4_NL", "Q5_0"), ("Q5_0", "Q5_0")),
+    "Q2_K": (("MXFP4", "MXFP4"), ("IQ4_NL", "IQ4_NL")),
+}
 CLASS_TYPES = {"expert_down": DOWN_TYPES, "expert_gate": GATE_UP_TYPES, "expert_up": GATE_UP_TYPES,
                "attention (q, k, v, o)": ATTN_TYPES}
 
@@ -210,16 +218,41 @@ def class_errors(ref, samples, means: dict) -> list[dict]:
     return rows
 
 
-def run(eval_tokens: int, calibration_tokens: int) -> None:
-    import logging
+def calibrate(ckpt: Path, work: Path, tokens: int) -> None:
+    """The multilingual imatrix, an English-only one (the anchor's habit), and a multilingual one of the
+    English one's size (for a fair coverage comparison), with their coverage reports."""
     import subprocess
     import sys
+
+    from marco_gguf.calibrate.text import bundled_records
+
+    english = work / "english.jsonl"
+    english.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in bundled_records("calibration")
+                               if r["lang"] == "en"), encoding="utf-8")
+
+    def imatrix(name: str, max_tokens: int, text: Path | None = None) -> dict:
+        if not (work / f"coverage-{name}.json").is_file():
+            out = work / f"imatrix-{name}.gguf"
+            cmd = [sys.executable, "-m", "marco_gguf.cli", "imatrix", str(ckpt), "-o", str(out),
+                   "--max-tokens", str(max_tokens), "--threads", "1", "--force", "--json"]
+            report = subprocess.run(cmd + (["--text", str(text)] if text else []), check=True, capture_output=True,
+                                    text=True).stdout
+            (work / f"coverage-{name}.json").write_text(report)
+        return json.loads((work / f"coverage-{name}.json").read_text())
+
+    imatrix("multilingual", tokens)
+    imatrix("multilingual-small", imatrix("english", tokens, english)["tokens"])
+
+
+def run(eval_tokens: int, calibration_tokens: int, parts: set[str]) -> None:
+    import dataclasses
+    import logging
 
     import torch
     from gguf import LlamaFileType as FT
 
     from marco_gguf.calibrate.reference import ReferenceModel
-    from marco_gguf.calibrate.text import bundled_records, load_samples
+    from marco_gguf.calibrate.text import load_samples
     from marco_gguf.calibrate.verify import compare
     from marco_gguf.convert import convert
     from marco_gguf.errors import MarcoError
@@ -233,61 +266,68 @@ def run(eval_tokens: int, calibration_tokens: int) -> None:
         print("no cached model: training on this machine for 20 minutes (python bench/quality.py train)")
         train(ckpt, 1200, "auto", 8, 2e-3)
     work.mkdir(parents=True, exist_ok=True)
-    english = work / "english.jsonl"  # the anchor's habit: calibrate on English text only
-    english.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in bundled_records("calibration")
-                               if r["lang"] == "en"), encoding="utf-8")
-    for name, text in (("multilingual", None), ("english", english)):
-        target = work / f"imatrix-{name}.gguf"
-        if not target.is_file():
-            cmd = [sys.executable, "-m", "marco_gguf.cli", "imatrix", str(ckpt), "-o", str(target),
-                   "--max-tokens", str(calibration_tokens), "--threads", "1", "--json"]
-            cmd += ["--text", str(text)] if text else []
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            (work / f"coverage-{name}.json").write_text(out)
-    means = load_imatrix(work / "imatrix-multilingual.gguf")
-    english_means = load_imatrix(work / "imatrix-english.gguf")
+    calibrate(ckpt, work, calibration_tokens)
+    imatrices = {"no": None, "multilingual": load_imatrix(work / "imatrix-multilingual.gguf"),
+                 "English": load_imatrix(work / "imatrix-english.gguf")}
     f32 = work / "model-f32.gguf"
     if not f32.is_file():
         convert(ckpt, f32, uniform("F32"), threads=1, progress=False)
-    results = {"train": json.loads((ckpt / "train_log.json").read_text()) | {"log": None}, "variants": [],
-               "coverage": {name: json.loads((work / f"coverage-{name}.json").read_text())
-                            for name in ("multilingual", "english")}}
+    saved = work / "quality.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
+    results |= {"train": json.loads((ckpt / "train_log.json").read_text()) | {"log": None},
+                "coverage": {name: json.loads((work / f"coverage-{name}.json").read_text())
+                             for name in ("multilingual", "english", "multilingual-small")}}
     with ReferenceModel(ckpt, threads=1) as ref:
-        samples, source = load_samples(ckpt, None, "evaluation", eval_tokens)
-        results["text"] = source
+        samples, results["text"] = load_samples(ckpt, None, "evaluation", eval_tokens)
         hidden = ref.hidden([s.ids for s in samples])
 
-        def measure(label: str, path: Path, **info) -> None:
+        def measure(path: Path, **info) -> dict:
             layers, weights, size = layer_size(path)
             report = compare(path, ref, hidden, samples, 1, progress=False)
-            row = info | {"label": label, "layers_bytes": layers, "layers_bpw": 8 * layers / weights,
-                          "file_bytes": size, **report["overall"], "groups": group_top1(report)}
-            results["variants"].append(row)
+            row = info | {"layers_bytes": layers, "layers_bpw": 8 * layers / weights, "file_bytes": size,
+                          **report["overall"], "groups": group_top1(report)}
             print(json.dumps({k: v for k, v in row.items() if k != "groups"}), flush=True)
+            path.unlink()
+            return row
 
-        measure("f32 (floor)", f32, preset="F32", quantizer="-", imatrix="no")
-        runs = [(name, im) for name in PRESETS for im in ("no", "multilingual")]
-        runs += [(name, "English") for name in ENGLISH_PRESETS]
-        for name, imatrix in runs:
-            im = {"no": None, "multilingual": means, "English": english_means}[imatrix]
-            ours, theirs = work / f"ours-{name}.gguf", work / f"llama-{name}.gguf"
+        def ours(recipe, imatrix: str, **info) -> dict:
+            out = work / "ours.gguf"
             try:
-                convert(ckpt, ours, PRESETS[name], threads=1, force=True, imatrix=im, progress=False)
-                measure(f"ours {name}", ours, preset=name, quantizer="marco-gguf", imatrix=imatrix)
+                convert(ckpt, out, recipe, threads=1, force=True, imatrix=imatrices[imatrix], progress=False)
             except MarcoError as exc:
-                results["variants"].append({"preset": name, "quantizer": "marco-gguf", "imatrix": imatrix,
-                                            "refused": str(exc)})
-            theirs.unlink(missing_ok=True)
-            refused = llama_quantize(f32, theirs, int(getattr(FT, f"MOSTLY_{name}")), im)
-            if refused:
-                results["variants"].append({"preset": name, "quantizer": "llama-quantize", "imatrix": imatrix,
-                                            "refused": refused})
-            else:
-                measure(f"llama {name}", theirs, preset=name, quantizer="llama-quantize", imatrix=imatrix)
-            for p in (ours, theirs):
-                p.unlink(missing_ok=True)
-        results["classes"] = class_errors(ref, samples[: max(1, len(samples) // 2)], means)
-    (work / "quality.json").write_text(json.dumps(results, indent=1))
+                return info | {"quantizer": "marco-gguf", "imatrix": imatrix, "refused": str(exc)}
+            return measure(out, quantizer="marco-gguf", imatrix=imatrix, **info)
+
+        if "presets" in parts:
+            variants = [measure(f32, preset="F32", quantizer="-", imatrix="no")]
+            runs = [(name, im) for name in PRESETS for im in ("no", "multilingual")]
+            runs += [(name, "English") for name in ENGLISH_PRESETS]
+            for name, imatrix in runs:
+                variants.append(ours(PRESETS[name], imatrix, preset=name))
+                theirs = work / "llama.gguf"
+                theirs.unlink(missing_ok=True)
+                refused = llama_quantize(f32, theirs, int(getattr(FT, f"MOSTLY_{name}")), imatrices[imatrix])
+                info = {"preset": name, "quantizer": "llama-quantize", "imatrix": imatrix}
+                variants.append(info | {"refused": refused} if refused else measure(theirs, **info))
+            results["variants"] = variants
+        if "down" in parts:
+            rows = []
+            for name, options in DOWN_CANDIDATES.items():
+                base = PRESETS[name]
+                kquant = base.types["expert_down"][0]
+                kquant_more = base.more_bits.get("expert_down", base.types["expert_down"])[0]
+                for normal, more, *gate_up in options:
+                    more_bits = base.more_bits | {"expert_down": (kquant_more, more)}
+                    more_bits |= {"expert_gate": tuple(gate_up), "expert_up": tuple(gate_up)} if gate_up else {}
+                    recipe = dataclasses.replace(base, types=base.types | {"expert_down": (kquant, normal)},
+                                                 more_bits=more_bits)
+                    for imatrix in ("no", "multilingual") if name == "Q4_K_M" else ("multilingual",):
+                        rows.append(ours(recipe, imatrix, preset=name, down=normal, down_more_bits=more,
+                                         gate_up_more_bits=gate_up[0] if gate_up else None))
+            results["down"] = rows
+        if "classes" in parts:
+            results["classes"] = class_errors(ref, samples[: max(1, len(samples) // 2)], imatrices["multilingual"])
+    saved.write_text(json.dumps(results, indent=1))
     (work / "quality.md").write_text(markdown(results))
     print(markdown(results))
 
@@ -296,7 +336,7 @@ def markdown(results: dict) -> str:
     groups = list(LANGUAGE_GROUPS)
     lines = ["| preset | quantizer | imatrix | layers MiB | layers bpw | file MiB | KL mean | KL p99 | top-1 | "
              + " | ".join(groups) + " |", "|" + "---|" * (9 + len(groups))]
-    for v in results["variants"]:
+    for v in results.get("variants", []):
         head = f"| {v['preset']} | {v['quantizer']} | {v['imatrix']} |"
         if "refused" in v:
             lines.append(head + " refused" + " |" * (6 + len(groups)))
@@ -304,6 +344,13 @@ def markdown(results: dict) -> str:
         lines.append(head + f" {v['layers_bytes'] / 2**20:.2f} | {v['layers_bpw']:.2f} |"
                      f" {v['file_bytes'] / 2**20:.1f} | {v['kl_mean']:.5f} | {v['kl_p99']:.4f} |"
                      f" {100 * v['top1']:.2f}% | " + " | ".join(f"{100 * v['groups'][g]:.1f}" for g in groups) + " |")
+    lines += ["", "| preset | down (normal / more-bits layers) | gate, up in more-bits layers | imatrix | layers MiB "
+              "| layers bpw | KL mean | KL p99 | top-1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for v in results.get("down", []):
+        lines.append(f"| {v['preset']} | {v['down']} / {v['down_more_bits']} | {v.get('gate_up_more_bits') or '-'} | "
+                     f"{v['imatrix']} | "
+                     f"{v['layers_bytes'] / 2**20:.2f} | {v['layers_bpw']:.2f} | {v['kl_mean']:.5f} | "
+                     f"{v['kl_p99']:.4f} | {100 * v['top1']:.2f}% |")
     lines += ["", "| calibration text | tokens | experts with no token | with fewer than 32 | languages |",
               "|---|---|---|---|---|"]
     for name, c in results["coverage"].items():
@@ -332,6 +379,7 @@ def main() -> None:
     r = sub.add_parser("run", help="measure (trains the model first if it is not cached)")
     r.add_argument("--eval-tokens", type=int, default=4096)
     r.add_argument("--calibration-tokens", type=int, default=16384)
+    r.add_argument("--parts", default="presets,down,classes", help="comma-separated: presets, down, classes")
     args = parser.parse_args()
     if args.cmd == "train":
         import torch
@@ -340,7 +388,7 @@ def main() -> None:
                                else 8)
         train(args.out, args.seconds, args.device, batch, args.lr)
     else:
-        run(args.eval_tokens, args.calibration_tokens)
+        run(args.eval_tokens, args.calibration_tokens, set(args.parts.split(",")))
 
 
 if __name__ == "__main__":

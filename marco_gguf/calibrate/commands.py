@@ -13,8 +13,8 @@ from marco_gguf.cli import Force, Json, Threads
 from marco_gguf.ui import console, count_progress, err
 
 Text = Annotated[Path | None, typer.Option("--text", help="Text to run: a .jsonl file of {\"lang\", \"text\"} "
-                                           "records or a plain text file (default: the bundled prompts in "
-                                           "29 languages).")]
+                                           "records or a plain text file (default: the bundled prompts, "
+                                           "31 languages).")]
 BELOW_MIN_TOP1 = 3  # verify's exit code when the top-1 agreement is below --min-top1
 
 
