@@ -6,6 +6,13 @@ real bundled tokenizer, saved in each variant the converter must read, and conve
 
 from __future__ import annotations
 
+import os
+
+# torch and llama.cpp both run OpenMP thread pools that spin while idle; interleaved in one process
+# on 2 cores they starve each other (a 10x slowdown measured). Sleeping waits must be chosen before
+# either library loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import copy
 import json
 import shutil
