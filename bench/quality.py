@@ -244,7 +244,7 @@ def calibrate(ckpt: Path, work: Path, tokens: int) -> None:
     imatrix("multilingual-small", imatrix("english", tokens, english)["tokens"])
 
 
-def run(eval_tokens: int, calibration_tokens: int, parts: set[str]) -> None:
+def run(eval_tokens: int, calibration_tokens: int, parts: set[str], presets: list[str] | None = None) -> None:
     import dataclasses
     import logging
 
@@ -299,9 +299,10 @@ def run(eval_tokens: int, calibration_tokens: int, parts: set[str]) -> None:
             return measure(out, quantizer="marco-gguf", imatrix=imatrix, **info)
 
         if "presets" in parts:
-            variants = [measure(f32, preset="F32", quantizer="-", imatrix="no")]
-            runs = [(name, im) for name in PRESETS for im in ("no", "multilingual")]
-            runs += [(name, "English") for name in ENGLISH_PRESETS]
+            names = presets or list(PRESETS)
+            variants = [] if presets else [measure(f32, preset="F32", quantizer="-", imatrix="no")]
+            runs = [(name, im) for name in names for im in ("no", "multilingual")]
+            runs += [(name, "English") for name in ENGLISH_PRESETS if name in names]
             for name, imatrix in runs:
                 variants.append(ours(PRESETS[name], imatrix, preset=name))
                 theirs = work / "llama.gguf"
@@ -309,6 +310,12 @@ def run(eval_tokens: int, calibration_tokens: int, parts: set[str]) -> None:
                 refused = llama_quantize(f32, theirs, int(getattr(FT, f"MOSTLY_{name}")), imatrices[imatrix])
                 info = {"preset": name, "quantizer": "llama-quantize", "imatrix": imatrix}
                 variants.append(info | {"refused": refused} if refused else measure(theirs, **info))
+            if presets:  # re-measured presets replace their rows, the others stay
+                redone = {(v["preset"], v["quantizer"], v["imatrix"]) for v in variants}
+                variants = [v for v in results.get("variants", [])
+                            if (v["preset"], v["quantizer"], v["imatrix"]) not in redone] + variants
+                order = ["F32", *PRESETS]
+                variants.sort(key=lambda v: order.index(v["preset"]))
             results["variants"] = variants
         if "down" in parts:
             rows = []
@@ -380,6 +387,7 @@ def main() -> None:
     r.add_argument("--eval-tokens", type=int, default=4096)
     r.add_argument("--calibration-tokens", type=int, default=16384)
     r.add_argument("--parts", default="presets,down,classes", help="comma-separated: presets, down, classes")
+    r.add_argument("--presets", default=None, help="comma-separated presets to re-measure (default: all)")
     args = parser.parse_args()
     if args.cmd == "train":
         import torch
@@ -388,7 +396,8 @@ def main() -> None:
                                else 8)
         train(args.out, args.seconds, args.device, batch, args.lr)
     else:
-        run(args.eval_tokens, args.calibration_tokens, set(args.parts.split(",")))
+        run(args.eval_tokens, args.calibration_tokens, set(args.parts.split(",")),
+            args.presets.split(",") if args.presets else None)
 
 
 if __name__ == "__main__":

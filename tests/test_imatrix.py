@@ -3,18 +3,16 @@ llama.cpp's file formats, llama.cpp's own quantizer given the same data, and unr
 
 from __future__ import annotations
 
-import ctypes
 import json
-import re
 from pathlib import Path
 
 import gguf
-import llama_cpp
 import numpy as np
 import pytest
 import torch
 from conftest import build_model, save_per_expert
 from gguf import GGMLQuantizationType as T
+from llama_tools import llama_quantize, tensor_bytes
 from typer.testing import CliRunner
 
 from marco_gguf.calibrate.reference import ReferenceModel
@@ -52,12 +50,6 @@ def calibrated(tiny_ckpt, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("imatrix") / "tiny.imatrix.gguf"
     report, _ = run_imatrix(tiny_ckpt, out)
     return out, report
-
-
-def tensors(path: Path) -> dict[str, tuple[T, np.ndarray]]:
-    """Type and raw bytes of every tensor of a GGUF file (read with llama.cpp's own parser)."""
-    f = GGUFFile(path)
-    return {t.name: (t.type, np.array(f.data(t))) for t in f.tensors}
 
 
 def expert_matrices(path: Path) -> dict[str, np.ndarray]:
@@ -182,30 +174,19 @@ def test_round_trip_gguf_and_legacy_dat(calibrated, tmp_path, tiny_f32):
         write_imatrix(imatrix, tmp_path / "again.gguf")
 
 
-def llama_quantize(src: Path, dst: Path, types: dict[str, T], imatrix_file: Path, ftype: gguf.LlamaFileType) -> None:
-    """llama.cpp's llama_model_quantize with per-tensor types and the imatrix as llama-quantize loads it."""
-    reader = gguf.GGUFReader(imatrix_file)  # read here the way tools/quantize/quantize.cpp does, not with ours
-    tensors = {t.name: t for t in reader.tensors}
-    entries = []
-    for name in sorted(n.removesuffix(".in_sum2") for n in tensors if n.endswith(".in_sum2")):
-        counts = np.array(tensors[name + ".counts"].data, np.float32).reshape(-1)
-        sums = np.array(tensors[name + ".in_sum2"].data, np.float32).reshape(len(counts), -1)
-        means = np.ones_like(sums)
-        means[counts > 0] = sums[counts > 0] / counts[counts > 0, None]
-        entries.append((name.encode(), np.ascontiguousarray(means.reshape(-1))))
-    data = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
-    for i, (name, values) in enumerate(entries):
-        data[i].name, data[i].size = name, values.size
-        data[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-    overrides = [(f"^{re.escape(n)}$".encode(), int(t)) for n, t in types.items()]
-    tt = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
-    for i, (pattern, t) in enumerate(overrides):
-        tt[i].pattern, tt[i].type = pattern, t
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = int(ftype), 2
-    params.imatrix = ctypes.cast(data, type(params.imatrix))
-    params.tt_overrides = ctypes.cast(tt, type(params.tt_overrides))
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+def imatrix_as_llama_quantize_loads_it(path: Path) -> dict[str, np.ndarray]:
+    """Per-matrix means from an imatrix file, read the way tools/quantize/quantize.cpp does (gguf-py,
+    not our reader): sums over counts, all ones for matrices without tokens."""
+    reader = gguf.GGUFReader(path)
+    found = {t.name: t for t in reader.tensors}
+    means = {}
+    for name in sorted(n.removesuffix(".in_sum2") for n in found if n.endswith(".in_sum2")):
+        counts = np.array(found[name + ".counts"].data, np.float32).reshape(-1)
+        sums = np.array(found[name + ".in_sum2"].data, np.float32).reshape(len(counts), -1)
+        m = np.ones_like(sums)
+        m[counts > 0] = sums[counts > 0] / counts[counts > 0, None]
+        means[name] = m
+    return means
 
 
 def test_llama_cpp_quantizer_gives_the_same_bytes_with_our_imatrix(calibrated, tiny_ckpt, tiny_f32, tmp_path):
@@ -214,12 +195,12 @@ def test_llama_cpp_quantizer_gives_the_same_bytes_with_our_imatrix(calibrated, t
     ours = tmp_path / "ours-IQ2_M.gguf"
     recipe = preset("IQ2_M").with_overrides(["token_embd=Q6_K"])  # Q6_K: the 39M-weight embedding quickly
     convert(tiny_ckpt, ours, recipe, imatrix=load_imatrix(path), progress=False)
-    want = tensors(ours)
+    want = tensor_bytes(ours)
     types = {name: t for name, (t, _) in want.items() if t != T.F32}
     assert {T.IQ2_S, T.IQ3_S, T.IQ4_NL, T.Q4_K, T.Q6_K} <= set(types.values())
     theirs = tmp_path / "llama-IQ2_M.gguf"
-    llama_quantize(tiny_f32, theirs, types, path, gguf.LlamaFileType.MOSTLY_IQ2_M)
-    got = tensors(theirs)
+    llama_quantize(tiny_f32, theirs, types, gguf.LlamaFileType.MOSTLY_IQ2_M, imatrix_as_llama_quantize_loads_it(path))
+    got = tensor_bytes(theirs)
     assert got.keys() == want.keys()
     for name, (t, data) in want.items():
         assert got[name][0] == t, name
@@ -267,7 +248,7 @@ def test_experts_without_tokens_are_reported_and_still_quantized(tmp_path):
     assert np.array_equal(means["blk.0.ffn_down_exps.weight"][5], np.ones(WIDTH, np.float32))
     out = convert(ckpt, tmp_path / "idle-quantized.gguf", Recipe("idle", {"expert_gate": ("IQ2_S",)}), imatrix=means,
                   progress=False).path
-    t, data = tensors(out)["blk.0.ffn_gate_exps.weight"]
+    t, data = tensor_bytes(out)["blk.0.ffn_gate_exps.weight"]
     assert t == T.IQ2_S
     rows = model.model.layers[0].mlp.experts.gate_up_proj[5, :WIDTH].detach().to(torch.bfloat16).float().numpy()
     stored = data.reshape(N_EXPERT, WIDTH, -1)[5]

@@ -123,39 +123,46 @@ def uniform(type_name: str) -> Recipe:
 
 
 def _preset(name: str, ft: FT, gate_up: str, down: tuple[str, ...], attn: str, attn_v: str,
-            output: str, embd: str | None = None, more_bits: dict[str, tuple[str, ...]] | None = None) -> Recipe:
+            output: str, embd: str | None = None, more_bits: dict[str, tuple[str, ...]] | None = None,
+            attn_output: str | None = None) -> Recipe:
     types = {"expert_gate": (gate_up,), "expert_up": (gate_up,), "expert_down": down,
-             "attn_q": (attn,), "attn_k": (attn,), "attn_output": (attn,), "attn_v": (attn_v,),
+             "attn_q": (attn,), "attn_k": (attn,), "attn_output": (attn_output or attn,), "attn_v": (attn_v,),
              "output": (output, "Q8_0"), "token_embd": (embd or output, "Q8_0")}
     return Recipe(name, types, more_bits or {}, file_type=ft)
 
 
-# Why each rule is what it is:
+# Why each rule is what it is (the measurements are in BENCHMARKS.md, "Quality"):
 # - Experts are 96% of Marco's weights but only 8 of 232 run per token, so they set the file size
-#   and most of the decode traffic; gate/up rows (hidden = 1024) take the preset's k-quant.
+#   and much of the decode traffic; gate/up rows (hidden = 1024) take the preset's k-quant.
 # - Down projections have rows of moe_intermediate_size weights: 384 in Marco-Nano. Each preset
-#   lists its k-quant first (taken where it fits, as for Marco-Mini's 768) and then the 32-block
-#   type closest in error at no more bits (relative RMS error on Gaussian weights, BENCHMARKS.md):
-#   Q4_K 0.077 -> IQ4_NL 0.086 (both 4.5 bpw; llama-quantize falls back to Q5_0 at 5.5 bpw),
-#   Q5_K 0.039 -> Q5_1 0.040 (6.0), Q6_K 0.020 -> Q8_0 (nothing 32-block lies between),
-#   Q2_K/Q3_K -> MXFP4 (4.25 bpw, the smallest 32-block type, still better than Q3_K's 0.164).
+#   lists its k-quant first (taken where it fits, as for Marco-Mini's 768) and then a 32-block type
+#   chosen on a trained Marco-architecture model with 128-wide experts:
+#   * Q4_K presets -> Q5_0 in every layer: it matched llama-quantize's Q4_K_M (Q5_0, and Q8_0 in the
+#     more-bits layers) in KL divergence (0.0403 vs 0.0400; 0.0380 vs 0.0382 with an imatrix) with 6%
+#     smaller layers; the Q8_0 step bought nothing. IQ4_NL there saved another 4% for +5% KL.
+#   * Q5_K presets -> Q5_1 (6.0 bpw, the same error as Q5_K on Gaussian weights: 0.040 vs 0.039);
+#     Q6_K -> Q8_0 (no 32-block type lies between).
+#   * 3-bit and lower -> IQ4_NL: no 32-block type has fewer than 4.25 bits, and IQ4_NL is the most
+#     accurate per bit of them; MXFP4 (4.25) was the least accurate (+14-17% KL) and ggml ignores the
+#     importance matrix for it, so no preset uses it.
 # - More-bits layers (first and last eighth, every third between; llama.cpp's heuristic) give down
-#   projections and attention V one step more, as llama-quantize's _M presets do.
-# - Attention (q, k, v, o) is 2% of the weights but read for every token; it follows
-#   llama-quantize's choices. The tied embedding is also the output layer: Q6_K, as llama.cpp does.
+#   projections (where a k-quant fits) and attention V one step more, as llama-quantize's _M presets do.
+# - Attention (q, k, v, o) is 2% of the weights but read for every token: never below 3 bits, and the
+#   output projection of Q3_K_M at Q4_K (at Q3_K it was Q3_K_M's main loss against llama-quantize).
+# - The tied embedding is also the output layer: Q6_K, as llama.cpp does.
 PRESETS = {
     "Q8_0": _preset("Q8_0", FT.MOSTLY_Q8_0, "Q8_0", ("Q8_0",), "Q8_0", "Q8_0", "Q8_0"),
     "Q6_K": _preset("Q6_K", FT.MOSTLY_Q6_K, "Q6_K", ("Q6_K", "Q8_0"), "Q6_K", "Q6_K", "Q6_K"),
     "Q5_K_M": _preset("Q5_K_M", FT.MOSTLY_Q5_K_M, "Q5_K", ("Q5_K", "Q5_1"), "Q5_K", "Q5_K", "Q6_K",
                       more_bits={"expert_down": ("Q6_K", "Q8_0"), "attn_v": ("Q6_K",)}),
     "Q5_K_S": _preset("Q5_K_S", FT.MOSTLY_Q5_K_S, "Q5_K", ("Q5_K", "Q5_1"), "Q5_K", "Q5_K", "Q6_K"),
-    "Q4_K_M": _preset("Q4_K_M", FT.MOSTLY_Q4_K_M, "Q4_K", ("Q4_K", "IQ4_NL"), "Q4_K", "Q4_K", "Q6_K",
+    "Q4_K_M": _preset("Q4_K_M", FT.MOSTLY_Q4_K_M, "Q4_K", ("Q4_K", "Q5_0"), "Q4_K", "Q4_K", "Q6_K",
                       more_bits={"expert_down": ("Q6_K", "Q5_0"), "attn_v": ("Q6_K",)}),
-    "Q4_K_S": _preset("Q4_K_S", FT.MOSTLY_Q4_K_S, "Q4_K", ("Q4_K", "IQ4_NL"), "Q4_K", "Q4_K", "Q6_K",
+    "Q4_K_S": _preset("Q4_K_S", FT.MOSTLY_Q4_K_S, "Q4_K", ("Q4_K", "Q5_0"), "Q4_K", "Q4_K", "Q6_K",
                       more_bits={"attn_v": ("Q5_K",)}),
-    "Q3_K_M": _preset("Q3_K_M", FT.MOSTLY_Q3_K_M, "Q3_K", ("Q4_K", "MXFP4"), "Q3_K", "Q4_K", "Q6_K",
-                      more_bits={"expert_down": ("Q5_K", "IQ4_NL"), "attn_v": ("Q5_K",)}),
-    "Q2_K": _preset("Q2_K", FT.MOSTLY_Q2_K, "Q2_K", ("Q3_K", "MXFP4"), "Q3_K", "Q4_K", "Q6_K"),
+    "Q3_K_M": _preset("Q3_K_M", FT.MOSTLY_Q3_K_M, "Q3_K", ("Q4_K", "IQ4_NL"), "Q3_K", "Q4_K", "Q6_K",
+                      attn_output="Q4_K", more_bits={"expert_down": ("Q5_K", "Q5_0"), "attn_v": ("Q5_K",)}),
+    "Q2_K": _preset("Q2_K", FT.MOSTLY_Q2_K, "Q2_K", ("Q3_K", "IQ4_NL"), "Q3_K", "Q4_K", "Q6_K"),
     "IQ4_XS": _preset("IQ4_XS", FT.MOSTLY_IQ4_XS, "IQ4_XS", ("IQ4_XS", "IQ4_NL"), "IQ4_XS", "Q5_K", "Q6_K"),
     # IQ3_M and IQ2_M need an importance matrix (convert refuses them without one): IQ grids are fitted
     # with importance weights. Gate/up take IQ3_S (3.44 bpw) / IQ2_S (2.56); no IQ or k-quant fits 384-wide
