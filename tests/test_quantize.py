@@ -141,15 +141,13 @@ def test_planner_never_exceeds_the_budget(tiny_f32, tmp_path, budget_mib):
 
 
 def test_fit_ram_leaves_room_for_the_kv_cache(tiny_ckpt, tmp_path):
-    from marco_gguf.runtime.doctor import COMPUTE_OVERHEAD, N_UBATCH
-    from marco_gguf.runtime.placement import Footprint
+    from marco_gguf.memory import Footprint, compute_bytes
 
     out, ram = tmp_path / "ram.gguf", 500 << 20
     result = convert(tiny_ckpt, out, preset("Q4_K_M"), progress=False, budget=Budget(fit_ram=ram, ctx=2048))
     assert result.recipe.name.startswith("Q4_K_M-fit")
     fp = Footprint.of(out)
-    compute = N_UBATCH * fp.n_vocab * 4 + COMPUTE_OVERHEAD  # llama.cpp reserves logits for a full micro-batch
-    assert out.stat().st_size + fp.kv_bytes(2048) + compute <= ram
+    assert out.stat().st_size + fp.kv_bytes(2048) + compute_bytes(fp.n_vocab) <= ram
 
 
 def test_too_small_a_budget_says_the_smallest_size(tiny_f32, tmp_path):

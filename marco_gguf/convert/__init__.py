@@ -15,6 +15,7 @@ from marco_gguf.convert.metadata import model_metadata
 from marco_gguf.convert.plan import plan_tensors
 from marco_gguf.convert.registry import HParams, find_architecture
 from marco_gguf.convert.vocab import load_vocab
+from marco_gguf.memory import kv_cache_bytes
 from marco_gguf.quantize.imatrix import attach_imatrix
 from marco_gguf.quantize.output import write_model_file
 from marco_gguf.quantize.planner import Budget, ClassInfo, fit_to_budget
@@ -68,7 +69,8 @@ def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: i
             vocab.write(w)
 
         if budget is not None:
-            limit = budget.file_bytes(hp.kv_cache_bytes(budget.ctx), hp.vocab_size)
+            kv = kv_cache_bytes(budget.ctx, hp.n_layer, hp.n_head_kv, hp.head_dim, hp.head_dim)
+            limit = budget.file_bytes(kv, hp.vocab_size)
             recipe, classes = fit_to_budget(jobs, recipe, limit, overhead_bytes(header, jobs, arch.gguf_arch_name),
                                             hp.n_layer, hp.tied, hp.n_expert, hp.n_expert_used)
             if on_plan is not None:

@@ -36,10 +36,6 @@ class HParams:
     tied: bool
     dtype: str | None
 
-    def kv_cache_bytes(self, n_ctx: int, bytes_per_value: int = 2) -> int:
-        """llama.cpp's KV cache for n_ctx positions (f16 by default): K and V of every layer."""
-        return n_ctx * self.n_layer * self.n_head_kv * 2 * self.head_dim * bytes_per_value
-
     def param_counts(self) -> tuple[int, int]:
         """(total, active per token) parameter counts; tied embeddings counted once."""
         attn = self.n_embd * self.head_dim * (2 * self.n_head + 2 * self.n_head_kv)

@@ -158,13 +158,12 @@ class Budget:
 
     def file_bytes(self, kv_bytes: int, n_vocab: int) -> int:
         """The most bytes the file may take; kv_bytes is the KV cache at self.ctx."""
-        from marco_gguf.runtime.doctor import COMPUTE_OVERHEAD, N_UBATCH
+        from marco_gguf.memory import compute_bytes
 
         if self.max_size is not None:
             return self.max_size
         assert self.fit_ram is not None
-        compute = N_UBATCH * n_vocab * 4 + COMPUTE_OVERHEAD  # what llama.cpp allocates beside the weights
-        room = int(self.fit_ram * 0.95) - kv_bytes - compute
+        room = int(self.fit_ram * 0.95) - kv_bytes - compute_bytes(n_vocab)
         if room <= 0:
             raise MarcoError(f"{format_bytes(self.fit_ram)} of RAM cannot even hold the KV cache for "
                              f"{self.ctx} tokens ({format_bytes(kv_bytes)}) and llama.cpp's buffers")

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from marco_gguf.errors import MarcoError
-from marco_gguf.runtime.placement import Footprint, cpu_overrides, expert_patterns
+from marco_gguf.memory import Footprint
+from marco_gguf.runtime.placement import cpu_overrides, expert_patterns
 
 
 @dataclass

@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from marco_gguf.errors import MarcoError
+from marco_gguf.memory import Footprint, compute_bytes
 from marco_gguf.runtime.build import build_command
-from marco_gguf.runtime.placement import Footprint, backends, devices
+from marco_gguf.runtime.placement import backends, devices
 
-COMPUTE_OVERHEAD = 128 * 2**20  # scheduler, graph and runtime allocations beside the logits buffer
-N_UBATCH = 512  # llama.cpp's default micro-batch: the compute buffer holds its logits
 CPU_PROFILE_LEVELS = ("cpu-avx2", "cpu", "cpu-avx512")
 PROBE_CODE = """
 import json, sys, time
@@ -248,7 +247,7 @@ def model_fit(path: Path, n_ctx: int, host: Host, gpus: list[dict]) -> dict:
     """Memory the model needs at n_ctx (weights + f16 KV cache + compute buffers) against what there is."""
     fp = Footprint.of(path)
     kv = fp.kv_bytes(n_ctx)
-    compute = N_UBATCH * fp.n_vocab * 4 + COMPUTE_OVERHEAD
+    compute = compute_bytes(fp.n_vocab)
     need = fp.weight_bytes + kv + compute
     fit = {"model": str(path), "n_ctx": n_ctx, "weights": fp.weight_bytes, "experts": fp.expert_bytes,
            "kv_cache": kv, "compute": compute, "need": need, "ram_available": host.memory_available,

@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import gguf
-
 from marco_gguf.errors import MarcoError
-from marco_gguf.gguf_file import GGUFFile
 
 # common/common.h: LLM_FFN_EXPS_REGEX and llm_ffn_block_regex
 EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
@@ -35,66 +30,6 @@ def expert_patterns(experts_on_cpu: bool = False, n_cpu_moe: int = 0) -> list[st
     if experts_on_cpu:
         return [EXPERTS_REGEX]
     return [rf"blk\.{i}{EXPERTS_REGEX}" for i in range(n_cpu_moe)]
-
-
-@dataclass
-class Footprint:
-    """A GGUF's weight bytes by role and the shape of its KV cache, from the file's tensors and metadata."""
-
-    n_layer: int
-    n_vocab: int
-    n_head_kv: int
-    key_length: int
-    value_length: int
-    n_expert: int
-    n_expert_used: int
-    weight_bytes: int  # every tensor
-    expert_bytes: int  # blk.N.ffn_{gate,up,down}_exps
-    embedding_bytes: int  # token_embd
-    tied_output: bool  # no output.weight: the output layer reads token_embd
-
-    @classmethod
-    def of(cls, path: Path) -> Footprint:
-        gf = GGUFFile(path)
-        arch = gf.architecture
-
-        def hp(key: str, default: int | None = None) -> int:
-            value = gf.get(f"{arch}.{key}", default)
-            if value is None:
-                raise MarcoError(f"{path} has no {arch}.{key}")
-            return int(value)
-
-        n_head = hp("attention.head_count")
-        head_dim = hp("embedding_length") // n_head
-        experts = re.compile(EXPERTS_REGEX)
-        sizes = {t.name: t.nbytes for t in gf.tensors}
-        embedding = next((t for t in gf.tensors if t.name == "token_embd.weight"), None)
-        return cls(
-            n_layer=hp("block_count"), n_vocab=embedding.shape[0] if embedding else 0,
-            n_head_kv=hp("attention.head_count_kv", n_head),
-            key_length=hp("attention.key_length", head_dim), value_length=hp("attention.value_length", head_dim),
-            n_expert=hp("expert_count", 0), n_expert_used=hp("expert_used_count", 0),
-            weight_bytes=sum(sizes.values()), expert_bytes=sum(n for k, n in sizes.items() if experts.search(k)),
-            embedding_bytes=sizes.get("token_embd.weight", 0), tied_output="output.weight" not in sizes,
-        )
-
-    def kv_bytes(self, n_ctx: int, kv_type: str = "f16") -> int:
-        """The KV cache for n_ctx positions: K and V of every layer, in llama.cpp's cache type."""
-        per_block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kv_type.upper()]]
-        values = n_ctx * self.n_layer * self.n_head_kv * (self.key_length + self.value_length)
-        return values * block_bytes // per_block
-
-    def bytes_per_token(self, position: int = 0, kv_type: str = "f16") -> int:
-        """Bytes one generated token reads at `position`: the k/E active share of the expert weights,
-        every other weight (attention, router, norms, output layer), one embedding row, the KV cache so far."""
-        active = self.expert_bytes * self.n_expert_used // self.n_expert if self.n_expert else 0
-        dense = self.weight_bytes - self.expert_bytes - self.embedding_bytes
-        embedding = self.embedding_bytes // max(self.n_vocab, 1) + (self.embedding_bytes if self.tied_output else 0)
-        return active + dense + embedding + self.kv_bytes(position, kv_type)
-
-    def gpu_bytes_with_experts_on_cpu(self) -> int:
-        """Weights left for the GPU when the experts stay in host memory."""
-        return self.weight_bytes - self.expert_bytes
 
 
 def _ggml() -> ctypes.CDLL:
