@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -75,6 +76,9 @@ def verify(
     as_json: Json = False,
 ) -> None:
     """Compare a GGUF file's predictions with the original weights: top-1 agreement and KL divergence."""
+    # torch and llama.cpp take turns here; spinning OpenMP workers of one would starve the other
+    # (10x slower on 2 cores). Must be set before either loads its OpenMP runtime.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from marco_gguf.calibrate.reference import ReferenceModel
     from marco_gguf.calibrate.text import load_samples
     from marco_gguf.calibrate.verify import verify as run_verify
