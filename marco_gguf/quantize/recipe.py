@@ -142,13 +142,16 @@ def _preset(name: str, ft: FT, gate_up: str, down: tuple[str, ...], attn: str, a
 #     smaller layers; the Q8_0 step bought nothing. IQ4_NL there saved another 4% for +5% KL.
 #   * Q5_K presets -> Q5_1 (6.0 bpw, the same error as Q5_K on Gaussian weights: 0.040 vs 0.039);
 #     Q6_K -> Q8_0 (no 32-block type lies between).
-#   * 3-bit and lower -> IQ4_NL: no 32-block type has fewer than 4.25 bits, and IQ4_NL is the most
-#     accurate per bit of them; MXFP4 (4.25) was the least accurate (+14-17% KL) and ggml ignores the
-#     importance matrix for it, so no preset uses it.
+#   * Q3_K_M -> Q5_0 too (with IQ4_NL it was 5% smaller than llama-quantize's Q3_K_M at +10% KL).
+#   * Q2_K and the IQ presets -> IQ4_NL: no 32-block type has fewer than 4.25 bits, and IQ4_NL is the
+#     most accurate per bit of them; MXFP4 (4.25) was the least accurate (+14-17% KL) and ggml ignores
+#     the importance matrix for it, so no preset uses it.
 # - More-bits layers (first and last eighth, every third between; llama.cpp's heuristic) give down
 #   projections (where a k-quant fits) and attention V one step more, as llama-quantize's _M presets do.
-# - Attention (q, k, v, o) is 2% of the weights but read for every token: never below 3 bits, and the
-#   output projection of Q3_K_M at Q4_K (at Q3_K it was Q3_K_M's main loss against llama-quantize).
+# - Attention (q, k, v, o) is 2% of the weights but read for every token: never below 3 bits, the
+#   output projection of Q3_K_M at Q4_K (at Q3_K it was Q3_K_M's main loss against llama-quantize),
+#   and V (1/16 of attention in Marco-Nano) at Q5_K from Q3_K_M to Q4_K_M: llama-quantize's Q4_K_S,
+#   whose first four V matrices are Q5_K, beat its own Q4_K_M by 16% in KL on the trained model.
 # - The tied embedding is also the output layer: Q6_K, as llama.cpp does.
 PRESETS = {
     "Q8_0": _preset("Q8_0", FT.MOSTLY_Q8_0, "Q8_0", ("Q8_0",), "Q8_0", "Q8_0", "Q8_0"),
@@ -156,12 +159,11 @@ PRESETS = {
     "Q5_K_M": _preset("Q5_K_M", FT.MOSTLY_Q5_K_M, "Q5_K", ("Q5_K", "Q5_1"), "Q5_K", "Q5_K", "Q6_K",
                       more_bits={"expert_down": ("Q6_K", "Q8_0"), "attn_v": ("Q6_K",)}),
     "Q5_K_S": _preset("Q5_K_S", FT.MOSTLY_Q5_K_S, "Q5_K", ("Q5_K", "Q5_1"), "Q5_K", "Q5_K", "Q6_K"),
-    "Q4_K_M": _preset("Q4_K_M", FT.MOSTLY_Q4_K_M, "Q4_K", ("Q4_K", "Q5_0"), "Q4_K", "Q4_K", "Q6_K",
+    "Q4_K_M": _preset("Q4_K_M", FT.MOSTLY_Q4_K_M, "Q4_K", ("Q4_K", "Q5_0"), "Q4_K", "Q5_K", "Q6_K",
                       more_bits={"expert_down": ("Q6_K", "Q5_0"), "attn_v": ("Q6_K",)}),
-    "Q4_K_S": _preset("Q4_K_S", FT.MOSTLY_Q4_K_S, "Q4_K", ("Q4_K", "Q5_0"), "Q4_K", "Q4_K", "Q6_K",
-                      more_bits={"attn_v": ("Q5_K",)}),
-    "Q3_K_M": _preset("Q3_K_M", FT.MOSTLY_Q3_K_M, "Q3_K", ("Q4_K", "IQ4_NL"), "Q3_K", "Q4_K", "Q6_K",
-                      attn_output="Q4_K", more_bits={"expert_down": ("Q5_K", "Q5_0"), "attn_v": ("Q5_K",)}),
+    "Q4_K_S": _preset("Q4_K_S", FT.MOSTLY_Q4_K_S, "Q4_K", ("Q4_K", "Q5_0"), "Q4_K", "Q5_K", "Q6_K"),
+    "Q3_K_M": _preset("Q3_K_M", FT.MOSTLY_Q3_K_M, "Q3_K", ("Q4_K", "Q5_0"), "Q3_K", "Q5_K", "Q6_K",
+                      attn_output="Q4_K", more_bits={"expert_down": ("Q5_K", "Q5_0")}),
     "Q2_K": _preset("Q2_K", FT.MOSTLY_Q2_K, "Q2_K", ("Q3_K", "IQ4_NL"), "Q3_K", "Q4_K", "Q6_K"),
     "IQ4_XS": _preset("IQ4_XS", FT.MOSTLY_IQ4_XS, "IQ4_XS", ("IQ4_XS", "IQ4_NL"), "IQ4_XS", "Q5_K", "Q6_K"),
     # IQ3_M and IQ2_M need an importance matrix (convert refuses them without one): IQ grids are fitted
