@@ -100,9 +100,9 @@ def timed(cmd: list[str], env: dict | None = None) -> Run:
     return Run(wall, rss_kib / 1024)
 
 
-def warm(folder: Path) -> None:
-    """Read every file once so both sides start from the same page cache."""
-    for path in sorted(folder.iterdir()):
-        with open(path, "rb") as f:
+def warm(path: Path) -> None:
+    """Read a file (or every file of a folder) once, so every side starts from the same page cache."""
+    for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+        with open(file, "rb") as f:
             while f.read(64 << 20):
                 pass

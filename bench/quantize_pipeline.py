@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One-pass `convert --quant` against llama.cpp's two steps, recipes against llama-quantize's presets.
 
-    python bench/quantize_pipeline.py [--layers 4] [--threads 2] [--preset Q4_K_M] [--table] [--speed]
+    python bench/quantize_pipeline.py [--layers 4] [--threads 2] [--preset Q4_K_M] [--parts pipeline,speed,table]
 
 On the Marco-Nano-shaped random bf16 checkpoint (bench/common.py; --layers 28 is full size):
 - pipeline: `marco-gguf convert -q PRESET` against convert_hf_to_gguf.py --outtype bf16 followed by
@@ -9,8 +9,9 @@ On the Marco-Nano-shaped random bf16 checkpoint (bench/common.py; --layers 28 is
   wall time, peak RSS, and the intermediate file the anchor needs. Goal: <= 0.8x the anchor's wall,
   peak RSS <= 2 GB, no intermediate file.
 - recipe: our PRESET file against llama-quantize's own PRESET on the same bf16 file: size, bits per
-  weight, and (--speed) llama-bench tg/pp on both. Goal: <= 0.88x the size, >= 1.1x the decode speed.
-- --table: every preset converted by us: size, bits per weight, types per class, conversion time.
+  weight, and (speed) llama-bench tg/pp on both, interleaved rounds. Goal: <= 0.88x the size, >= 1.1x
+  the decode speed. Both files are kept in bench/out, so `--parts speed` alone measures them again.
+- table: every preset converted by us: size, bits per weight, types per class, conversion time.
 Results: bench/out/quantize_pipeline-L{layers}.json (merged across runs).
 """
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from collections import Counter
@@ -72,53 +74,70 @@ def llama_bench(path: Path, threads: int) -> dict[str, float]:
     return {("pp512" if row["n_prompt"] else "tg64"): row["avg_ts"] for row in json.loads(out)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--preset", default="Q4_K_M")
-    ap.add_argument("--table", action="store_true", help="convert with every preset")
-    ap.add_argument("--speed", action="store_true", help="llama-bench both Q4_K_M files")
-    args = ap.parse_args()
-
-    ckpt = nano_checkpoint(args.layers)
-    results_path = OUT / f"quantize_pipeline-L{args.layers}.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    ours, bf16 = OUT / f"ours-{args.preset}.gguf", OUT / "llama-bf16.gguf"
-    same_types, theirs = OUT / f"llama-same-types-{args.preset}.gguf", OUT / f"llama-{args.preset}.gguf"
-
+def pipeline(ckpt: Path, preset: str, threads: int, ours: Path, theirs: Path) -> tuple[dict, dict]:
+    """Our one pass against llama.cpp's two steps with the same types; then llama-quantize's own preset."""
+    bf16, same_types = OUT / "llama-bf16.gguf", OUT / f"llama-same-types-{preset}.gguf"
     warm(ckpt)
-    one_pass = ours_convert(ckpt, ours, args.preset, args.threads)
+    one_pass = ours_convert(ckpt, ours, preset, threads)
     print(f"  ours one pass: {one_pass}", flush=True)
     types_file = OUT / "tensor-types.txt"
     types_file.write_text("".join(f"^{re.escape(t.name)}$={t.type.name.lower()}\n"
                                   for t in GGUFFile(ours).tensors if len(t.shape) > 1 and "ffn_gate_inp" not in t.name))
     warm(ckpt)
     step1 = llama_convert(ckpt, bf16)
-    step2 = llama_quantize(bf16, same_types, args.preset, args.threads, types_file)
+    step2 = llama_quantize(bf16, same_types, preset, threads, types_file)
     print(f"  llama.cpp: convert {step1}, quantize {step2}", flush=True)
     mismatch = [t.name for t in GGUFFile(same_types).tensors if t.type != GGUFFile(ours).tensor(t.name).type]
-    anchor_wall = step1.wall_s + step2.wall_s
-    results["pipeline"] = {
-        "preset": args.preset, "threads": args.threads, "ours_wall_s": one_pass.wall_s,
+    result = {
+        "preset": preset, "threads": threads, "ours_wall_s": one_pass.wall_s,
         "ours_peak_rss_mib": one_pass.peak_rss_mib, "llama_convert_wall_s": step1.wall_s,
         "llama_quantize_wall_s": step2.wall_s, "llama_peak_rss_mib": max(step1.peak_rss_mib, step2.peak_rss_mib),
-        "intermediate_bytes": bf16.stat().st_size, "wall_ratio": one_pass.wall_s / anchor_wall,
+        "intermediate_bytes": bf16.stat().st_size, "wall_ratio": one_pass.wall_s / (step1.wall_s + step2.wall_s),
         "type_mismatches": mismatch,
     }
-    own = llama_quantize(bf16, theirs, args.preset, args.threads)
-    results["recipe"] = {"preset": args.preset, "ours": summary(ours) | {"convert_s": one_pass.wall_s},
-                         "llama_quantize": summary(theirs) | {"quantize_s": own.wall_s}}
-    results["recipe"]["size_ratio"] = results["recipe"]["ours"]["bytes"] / results["recipe"]["llama_quantize"]["bytes"]
-    if args.speed:
-        results["recipe"]["ours"]["llama_bench"] = llama_bench(ours, args.threads)
-        results["recipe"]["llama_quantize"]["llama_bench"] = llama_bench(theirs, args.threads)
-        speeds = results["recipe"]["ours"]["llama_bench"], results["recipe"]["llama_quantize"]["llama_bench"]
-        results["recipe"]["tg_ratio"] = speeds[0]["tg64"] / speeds[1]["tg64"]
-    for p in (bf16, same_types, theirs):
-        p.unlink()
+    own = llama_quantize(bf16, theirs, preset, threads)
+    bf16.unlink()
+    same_types.unlink()
+    recipe = {"preset": preset, "ours": summary(ours) | {"convert_s": one_pass.wall_s},
+              "llama_quantize": summary(theirs) | {"quantize_s": own.wall_s}}
+    recipe["size_ratio"] = recipe["ours"]["bytes"] / recipe["llama_quantize"]["bytes"]
+    return result, recipe
 
-    if args.table:
+
+def speed(files: dict[str, Path], threads: int, rounds: int = 2) -> dict[str, dict[str, float]]:
+    """llama-bench on each file, rounds interleaved (order alternating), each file read into the page
+    cache first: medians over rounds. Nothing else may be in the page cache's way (16 GB checkpoints)."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in files}
+    for r in range(rounds):
+        for name in (list(files) if r % 2 == 0 else list(reversed(files))):
+            warm(files[name])
+            runs[name].append(llama_bench(files[name], threads))
+            print(f"  {name}: {runs[name][-1]}", flush=True)
+    return {name: {k: statistics.median(x[k] for x in v) for k in v[0]} for name, v in runs.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--preset", default="Q4_K_M")
+    ap.add_argument("--parts", default="pipeline,speed", help="comma-separated: pipeline, speed, table")
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+
+    ckpt = nano_checkpoint(args.layers)
+    results_path = OUT / f"quantize_pipeline-L{args.layers}.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    ours, theirs = OUT / f"ours-{args.preset}.gguf", OUT / f"llama-{args.preset}.gguf"
+    if "pipeline" in parts or not (ours.is_file() and theirs.is_file()):
+        results["pipeline"], results["recipe"] = pipeline(ckpt, args.preset, args.threads, ours, theirs)
+    if "speed" in parts:
+        tg = speed({"ours": ours, "llama_quantize": theirs}, args.threads)
+        for name, values in tg.items():
+            results["recipe"][name]["llama_bench"] = values
+        results["recipe"]["tg_ratio"] = tg["ours"]["tg64"] / tg["llama_quantize"]["tg64"]
+        results["recipe"]["pp_ratio"] = tg["ours"]["pp512"] / tg["llama_quantize"]["pp512"]
+    if "table" in parts:
         table = {}
         for name in PRESETS:
             if name.startswith(("IQ2", "IQ3")):
