@@ -97,6 +97,15 @@ def save_fused(model, folder: Path, dtype=torch.float16, shards: int = 2) -> Pat
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run as fast on one torch thread, and steadily beside llama.cpp's threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return build_model(seed=0)

@@ -25,17 +25,10 @@ from marco_gguf.quantize import ggml
 from marco_gguf.quantize.imatrix import load_imatrix, read_imatrix, write_imatrix
 from marco_gguf.quantize.recipe import Recipe, preset
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CALIBRATION_TOKENS = 620  # 20 tokens in each of the 31 languages
 N_EXPERT, N_USED, HIDDEN, WIDTH = 8, 2, 256, 96  # conftest's TINY
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run as fast on one thread, and steadily when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_imatrix(ckpt: Path, out: Path, *args: str):

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from marco_gguf.cli import app
@@ -14,18 +13,11 @@ from marco_gguf.convert import convert
 from marco_gguf.demo import write_tiny_checkpoint
 from marco_gguf.quantize.recipe import preset, uniform
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOKENS = 400  # ~13 tokens in each of the 31 languages
 KAZAKH = "Қазақстан – Орталық Азиядағы мемлекет. Астанасы – Астана қаласы, ең ірі қаласы – Алматы."
 THAI = "ประเทศไทยตั้งอยู่ในเอเชียตะวันออกเฉียงใต้ เมืองหลวงคือกรุงเทพมหานคร"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run as fast on one thread, and steadily when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_verify(model: Path, reference: Path, *args: str):
