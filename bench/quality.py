@@ -118,8 +118,8 @@ ENGLISH_PRESETS = ("Q2_K", "IQ3_M", "IQ2_M")  # low-bit presets, also with an En
 # Types for the down projections whose rows no k-quant holds, (normal layers, more-bits layers), and
 # optionally a stronger type for gate/up in more-bits layers (to spend what the down projections save)
 DOWN_CANDIDATES = {
-    "Q4_K_M": (("IQ4_NL", "Q5_0"), ("IQ4_NL", "Q8_0"), ("Q5_0", "Q5_0"), ("Q5_0", "Q8_0"), ("Q4_0", "Q5_0"),
-               ("MXFP4", "Q5_0"), ("IQ4_NL", "Q5_0", "Q5_K"), ("Q5_0", "Q5_0", "Q5_K")),
+    "Q4_K_M": (("Q5_0", "Q5_0"), ("Q5_0", "Q8_0"), ("IQ4_NL", "Q5_0"), ("Q4_0", "Q5_0"), ("IQ4_NL", "IQ4_NL"),
+               ("Q4_0", "Q4_0"), ("MXFP4", "Q5_0"), ("IQ4_NL", "Q5_0", "Q5_K")),
     "Q3_K_M": (("MXFP4", "IQ4_NL"), ("IQ4_NL", "IQ4_NL"), ("IQ4_NL", "Q5_0"), ("Q5_0", "Q5_0")),
     "Q2_K": (("MXFP4", "MXFP4"), ("IQ4_NL", "IQ4_NL")),
 }
@@ -318,8 +318,10 @@ def run(eval_tokens: int, calibration_tokens: int, parts: set[str], presets: lis
                 variants.sort(key=lambda v: order.index(v["preset"]))
             results["variants"] = variants
         if "down" in parts:
-            rows = []
-            for name, options in DOWN_CANDIDATES.items():
+            names = [name for name in DOWN_CANDIDATES if not presets or name in presets]
+            rows = [r for r in results.get("down", []) if r["preset"] not in names]  # the others stay
+            for name in names:
+                options = DOWN_CANDIDATES[name]
                 base = PRESETS[name]
                 kquant = base.types["expert_down"][0]
                 kquant_more = base.more_bits.get("expert_down", base.types["expert_down"])[0]
@@ -387,7 +389,8 @@ def main() -> None:
     r.add_argument("--eval-tokens", type=int, default=4096)
     r.add_argument("--calibration-tokens", type=int, default=16384)
     r.add_argument("--parts", default="presets,down,classes", help="comma-separated: presets, down, classes")
-    r.add_argument("--presets", default=None, help="comma-separated presets to re-measure (default: all)")
+    r.add_argument("--presets", default=None,
+                   help="comma-separated presets to re-measure in the presets and down parts (default: all)")
     args = parser.parse_args()
     if args.cmd == "train":
         import torch

@@ -2,6 +2,7 @@
 """One-pass `convert --quant` against llama.cpp's two steps, recipes against llama-quantize's presets.
 
     python bench/quantize_pipeline.py [--layers 4] [--threads 2] [--preset Q4_K_M] [--parts pipeline,speed,table]
+                                       [--rounds 4]
 
 On the Marco-Nano-shaped random bf16 checkpoint (bench/common.py; --layers 28 is full size):
 - pipeline: `marco-gguf convert -q PRESET` against convert_hf_to_gguf.py --outtype bf16 followed by
@@ -104,7 +105,7 @@ def pipeline(ckpt: Path, preset: str, threads: int, ours: Path, theirs: Path) ->
     return result, recipe
 
 
-def speed(files: dict[str, Path], threads: int, rounds: int = 2) -> dict[str, dict[str, float]]:
+def speed(files: dict[str, Path], threads: int, rounds: int) -> dict[str, dict[str, float]]:
     """llama-bench on each file, rounds interleaved (order alternating), each file read into the page
     cache first: medians over rounds. Nothing else may be in the page cache's way (16 GB checkpoints)."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in files}
@@ -122,6 +123,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--preset", default="Q4_K_M")
     ap.add_argument("--parts", default="pipeline,speed", help="comma-separated: pipeline, speed, table")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved llama-bench rounds for speed")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
 
@@ -132,7 +134,7 @@ def main() -> None:
     if "pipeline" in parts or not (ours.is_file() and theirs.is_file()):
         results["pipeline"], results["recipe"] = pipeline(ckpt, args.preset, args.threads, ours, theirs)
     if "speed" in parts:
-        tg = speed({"ours": ours, "llama_quantize": theirs}, args.threads)
+        tg = speed({"ours": ours, "llama_quantize": theirs}, args.threads, args.rounds)
         for name, values in tg.items():
             results["recipe"][name]["llama_bench"] = values
         results["recipe"]["tg_ratio"] = tg["ours"]["tg64"] / tg["llama_quantize"]["tg64"]

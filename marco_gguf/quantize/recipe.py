@@ -137,12 +137,12 @@ def _preset(name: str, ft: FT, gate_up: str, down: tuple[str, ...], attn: str, a
 # - Down projections have rows of moe_intermediate_size weights: 384 in Marco-Nano. Each preset
 #   lists its k-quant first (taken where it fits, as for Marco-Mini's 768) and then a 32-block type
 #   chosen on a trained Marco-architecture model with 128-wide experts:
-#   * Q4_K presets -> Q5_0 in every layer: it matched llama-quantize's Q4_K_M (Q5_0, and Q8_0 in the
-#     more-bits layers) in KL divergence (0.0403 vs 0.0400; 0.0380 vs 0.0382 with an imatrix) with 6%
-#     smaller layers; the Q8_0 step bought nothing. IQ4_NL there saved another 4% for +5% KL.
-#   * Q5_K presets -> Q5_1 (6.0 bpw, the same error as Q5_K on Gaussian weights: 0.040 vs 0.039);
-#     Q6_K -> Q8_0 (no 32-block type lies between).
-#   * Q3_K_M -> Q5_0 too (with IQ4_NL it was 5% smaller than llama-quantize's Q3_K_M at +10% KL).
+#   * Q4_K and Q3_K presets -> Q4_0 in every layer (4.5 bpw). With attention V at Q5_K (below),
+#     Q4_K_M with Q4_0 down projections had 12% smaller layers than llama-quantize's Q4_K_M (which
+#     falls back to Q5_0, and Q8_0 in the more-bits layers) and 14% lower KL divergence (0.0346 vs
+#     0.0400; 0.0350 vs 0.0382 with an imatrix). Q5_0 everywhere was 7% larger for 7-16% less KL;
+#     IQ4_NL matched Q4_0 without an imatrix and was 6% better with one, but quantizes ~80x slower
+#     (full-size Marco-Nano: minutes, not seconds); `--tensor-type ffn_down_exps=IQ4_NL` picks it.
 #   * Q2_K and the IQ presets -> IQ4_NL: no 32-block type has fewer than 4.25 bits, and IQ4_NL is the
 #     most accurate per bit of them; MXFP4 (4.25) was the least accurate (+14-17% KL) and ggml ignores
 #     the importance matrix for it, so no preset uses it.
@@ -159,11 +159,11 @@ PRESETS = {
     "Q5_K_M": _preset("Q5_K_M", FT.MOSTLY_Q5_K_M, "Q5_K", ("Q5_K", "Q5_1"), "Q5_K", "Q5_K", "Q6_K",
                       more_bits={"expert_down": ("Q6_K", "Q8_0"), "attn_v": ("Q6_K",)}),
     "Q5_K_S": _preset("Q5_K_S", FT.MOSTLY_Q5_K_S, "Q5_K", ("Q5_K", "Q5_1"), "Q5_K", "Q5_K", "Q6_K"),
-    "Q4_K_M": _preset("Q4_K_M", FT.MOSTLY_Q4_K_M, "Q4_K", ("Q4_K", "Q5_0"), "Q4_K", "Q5_K", "Q6_K",
-                      more_bits={"expert_down": ("Q6_K", "Q5_0"), "attn_v": ("Q6_K",)}),
-    "Q4_K_S": _preset("Q4_K_S", FT.MOSTLY_Q4_K_S, "Q4_K", ("Q4_K", "Q5_0"), "Q4_K", "Q5_K", "Q6_K"),
-    "Q3_K_M": _preset("Q3_K_M", FT.MOSTLY_Q3_K_M, "Q3_K", ("Q4_K", "Q5_0"), "Q3_K", "Q5_K", "Q6_K",
-                      attn_output="Q4_K", more_bits={"expert_down": ("Q5_K", "Q5_0")}),
+    "Q4_K_M": _preset("Q4_K_M", FT.MOSTLY_Q4_K_M, "Q4_K", ("Q4_K", "Q4_0"), "Q4_K", "Q5_K", "Q6_K",
+                      more_bits={"expert_down": ("Q6_K", "Q4_0"), "attn_v": ("Q6_K",)}),
+    "Q4_K_S": _preset("Q4_K_S", FT.MOSTLY_Q4_K_S, "Q4_K", ("Q4_K", "Q4_0"), "Q4_K", "Q5_K", "Q6_K"),
+    "Q3_K_M": _preset("Q3_K_M", FT.MOSTLY_Q3_K_M, "Q3_K", ("Q4_K", "Q4_0"), "Q3_K", "Q5_K", "Q6_K",
+                      attn_output="Q4_K", more_bits={"expert_down": ("Q5_K", "Q4_0")}),
     "Q2_K": _preset("Q2_K", FT.MOSTLY_Q2_K, "Q2_K", ("Q3_K", "IQ4_NL"), "Q3_K", "Q4_K", "Q6_K"),
     "IQ4_XS": _preset("IQ4_XS", FT.MOSTLY_IQ4_XS, "IQ4_XS", ("IQ4_XS", "IQ4_NL"), "IQ4_XS", "Q5_K", "Q6_K"),
     # IQ3_M and IQ2_M need an importance matrix (convert refuses them without one): IQ grids are fitted
