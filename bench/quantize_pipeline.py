@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """One-pass `convert --quant` against llama.cpp's two steps, recipes against llama-quantize's presets.
 
-    python bench/quantize_pipeline.py [--layers 4] [--threads 2] [--preset Q4_K_M] [--parts pipeline,speed,table]
-                                       [--rounds 4]
+    python bench/quantize_pipeline.py [--layers 4] [--threads 2] [--preset Q4_K_M]
+                                      [--parts pipeline,ours,speed,table] [--rounds 4]
 
 On the Marco-Nano-shaped random bf16 checkpoint (bench/common.py; --layers 28 is full size):
 - pipeline: `marco-gguf convert -q PRESET` against convert_hf_to_gguf.py --outtype bf16 followed by
@@ -11,7 +11,8 @@ On the Marco-Nano-shaped random bf16 checkpoint (bench/common.py; --layers 28 is
   peak RSS <= 2 GB, no intermediate file.
 - recipe: our PRESET file against llama-quantize's own PRESET on the same bf16 file: size, bits per
   weight, and (speed) llama-bench tg/pp on both, interleaved rounds. Goal: <= 0.88x the size, >= 1.1x
-  the decode speed. Both files are kept in bench/out, so `--parts speed` alone measures them again.
+  the decode speed. Both files are kept in bench/out, so `--parts speed` alone measures them again,
+  and `--parts ours,speed` re-makes only ours (after a recipe change).
 - table: every preset converted by us: size, bits per weight, types per class, conversion time.
 Results: bench/out/quantize_pipeline-L{layers}.json (merged across runs).
 """
@@ -122,7 +123,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--preset", default="Q4_K_M")
-    ap.add_argument("--parts", default="pipeline,speed", help="comma-separated: pipeline, speed, table")
+    ap.add_argument("--parts", default="pipeline,speed", help="comma-separated: pipeline, ours, speed, table")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved llama-bench rounds for speed")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -133,6 +134,12 @@ def main() -> None:
     ours, theirs = OUT / f"ours-{args.preset}.gguf", OUT / f"llama-{args.preset}.gguf"
     if "pipeline" in parts or not (ours.is_file() and theirs.is_file()):
         results["pipeline"], results["recipe"] = pipeline(ckpt, args.preset, args.threads, ours, theirs)
+    if "ours" in parts:  # our file again after a recipe change; llama-quantize's file stays
+        warm(ckpt)
+        run = ours_convert(ckpt, ours, args.preset, args.threads)
+        recipe = results["recipe"]
+        recipe["ours"] = summary(ours) | {"convert_s": run.wall_s, "peak_rss_mib": run.peak_rss_mib}
+        recipe["size_ratio"] = recipe["ours"]["bytes"] / recipe["llama_quantize"]["bytes"]
     if "speed" in parts:
         tg = speed({"ours": ours, "llama_quantize": theirs}, args.threads, args.rounds)
         for name, values in tg.items():
