@@ -62,11 +62,13 @@ def types_by_class(path: Path) -> dict[str, str]:
     return {c: " ".join(f"{t}×{n}" for t, n in cnt.items()) for c, cnt in by_class.items()}
 
 
-def summary(path: Path) -> dict:
+def summary(path: Path, made_by=None) -> dict:
+    """Size, bits per weight and types of a file, and the time and memory of the run that made it."""
     f = GGUFFile(path)
     weights = sum(t.n_elements for t in f.tensors)
     nbytes = sum(t.nbytes for t in f.tensors)
-    return {"bytes": path.stat().st_size, "bpw": 8 * nbytes / weights, "types": types_by_class(path)}
+    made = {"convert_s": made_by.wall_s, "peak_rss_mib": made_by.peak_rss_mib} if made_by else {}
+    return {"bytes": path.stat().st_size, "bpw": 8 * nbytes / weights, "types": types_by_class(path)} | made
 
 
 def llama_bench(path: Path, threads: int) -> dict[str, float]:
@@ -100,7 +102,7 @@ def pipeline(ckpt: Path, preset: str, threads: int, ours: Path, theirs: Path) ->
     own = llama_quantize(bf16, theirs, preset, threads)
     bf16.unlink()
     same_types.unlink()
-    recipe = {"preset": preset, "ours": summary(ours) | {"convert_s": one_pass.wall_s},
+    recipe = {"preset": preset, "ours": summary(ours, one_pass),
               "llama_quantize": summary(theirs) | {"quantize_s": own.wall_s}}
     recipe["size_ratio"] = recipe["ours"]["bytes"] / recipe["llama_quantize"]["bytes"]
     return result, recipe
@@ -138,7 +140,7 @@ def main() -> None:
         warm(ckpt)
         run = ours_convert(ckpt, ours, args.preset, args.threads)
         recipe = results["recipe"]
-        recipe["ours"] = summary(ours) | {"convert_s": run.wall_s, "peak_rss_mib": run.peak_rss_mib}
+        recipe["ours"] = summary(ours, run)
         recipe["size_ratio"] = recipe["ours"]["bytes"] / recipe["llama_quantize"]["bytes"]
     if "speed" in parts:
         tg = speed({"ours": ours, "llama_quantize": theirs}, args.threads, args.rounds)
@@ -153,7 +155,7 @@ def main() -> None:
                 continue  # they need an importance matrix: see bench/quality.py
             out = OUT / f"ours-table-{name}.gguf"
             run = ours_convert(ckpt, out, name, args.threads)
-            table[name] = summary(out) | {"convert_s": run.wall_s, "peak_rss_mib": run.peak_rss_mib}
+            table[name] = summary(out, run)
             out.unlink()
             print(f"  {name}: {table[name]['bytes'] / 2**20:.0f} MiB {table[name]['bpw']:.2f} bpw "
                   f"{run.wall_s:.1f} s", flush=True)
