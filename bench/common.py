@@ -26,10 +26,10 @@ NANO = {
 
 
 def build_tool(target: str) -> Path:
-    """A llama.cpp tool (llama-bench, llama-quantize) built once with cmake/cpu.cmake, niced, -j2."""
+    """A llama.cpp tool (llama-bench, llama-quantize) built once with cmake/portable.cmake, niced, -j2."""
     exe = BUILD / "bin" / target
     if not exe.is_file():
-        subprocess.run(["cmake", "-C", str(REPO / "cmake" / "cpu.cmake"), "-S", str(LLAMA_CPP), "-B", str(BUILD),
+        subprocess.run(["cmake", "-C", str(REPO / "cmake" / "portable.cmake"), "-S", str(LLAMA_CPP), "-B", str(BUILD),
                         "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                         "-DLLAMA_OPENSSL=OFF"], check=True, capture_output=True)
         subprocess.run(["nice", "-n", "10", "cmake", "--build", str(BUILD), "--target", target, "-j2"], check=True)

@@ -3,7 +3,7 @@
 
     python bench/runtime_speed.py [--layers 4] [--threads 2] [--rounds 8]
 
-1. builds llama-bench from .cache/llama.cpp with cmake/cpu.cmake (the README's CPU build; once, niced, -j2,
+1. builds llama-bench from .cache/llama.cpp with cmake/portable.cmake (the README's CPU build; once, niced, -j2,
    in bench/out/llama.cpp-cpu);
 2. writes bench/common.py's random Marco-Nano-shaped checkpoint (hidden 1024, 16/8 heads of 128, 232
    experts of 384, top-8, vocab 151936) with --layers layers and converts it with the Q4_K_M recipe
@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 
 from common import LLAMA_CPP, OUT, build_tool, nano_checkpoint
+
+from marco_gguf.host import default_threads
 
 WORDS = ["marco", "runs", "mixture", "experts", "on", "laptops", "and", "phones", "with", "llama", "cpp", "in",
          "many", "languages", "every", "day", "quickly", "small", "memory"]
@@ -81,7 +83,7 @@ def marco_run(model: Path, threads: int) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds of one timed run per runner")
     args = ap.parse_args()
     if shutil.which("cmake") is None or not (LLAMA_CPP / "CMakeLists.txt").is_file():

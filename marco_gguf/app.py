@@ -8,7 +8,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import click
 import typer
 from rich.markup import escape
 
@@ -38,7 +37,7 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
                 return fn(*a, **k)
             except (typer.Exit, typer.Abort):
                 raise
-            except (typer.BadParameter, click.BadParameter) as exc:  # typer >= 0.29 has its own click copy
+            except typer.BadParameter as exc:
                 fail(exc.format_message(), code=2)
             except MarcoError as exc:
                 fail(str(exc))

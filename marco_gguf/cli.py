@@ -140,7 +140,7 @@ def quantize(
     as_json: Json = False,
 ) -> None:
     """Quantize an f32/f16/bf16 GGUF file with a Marco-aware preset."""
-    from marco_gguf.convert import default_threads
+    from marco_gguf.host import default_threads
     from marco_gguf.quantize.from_gguf import quantize_file
 
     recipe = _recipe(quant, recipe_file, tensor_type)

@@ -21,8 +21,16 @@ def library_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "lib"
 
 
-@functools.cache
 def ggml_base() -> ctypes.CDLL:
+    """libggml-base, after checking once that its C interface is the one this package binds (bindings.py)."""
+    from marco_gguf.bindings import check
+
+    check()
+    return load_ggml_base()
+
+
+@functools.cache
+def load_ggml_base() -> ctypes.CDLL:
     path = library_dir() / LIBRARY_NAMES.get(sys.platform, "libggml-base.so")
     if not path.exists():
         raise MarcoError(f"llama-cpp-python has no {path.name} in {path.parent}; reinstall it from source")

@@ -1,5 +1,5 @@
-"""The llama.cpp build profiles in cmake/: every setting is one this llama.cpp declares, the cpu profile
-configures exactly like the README's install command, and the ARM profiles' targets are real."""
+"""The llama.cpp build profiles in marco_gguf/cmake/: every setting is one this llama.cpp declares, the
+README's install builds the portable profile (AVX2, no AVX-512, RPC on), and the ARM profiles' targets are real."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import llama_cpp
 import pytest
 
 from marco_gguf.errors import MarcoError
-from marco_gguf.runtime.build import build_command, profile_cache, profiles
+from marco_gguf.runtime.build import PROFILES_DIR, build_command, profile_cache, profiles
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_CPP = REPO / ".cache" / "llama.cpp"
@@ -45,7 +45,7 @@ def settings(name: str) -> dict[str, tuple[str, str]]:
 
 
 def test_all_profiles_present():
-    assert set(profiles()) >= {"cpu", "cpu-avx2", "cpu-avx512", "metal", "cuda", "vulkan", "android-arm64",
+    assert set(profiles()) >= {"portable", "cpu", "cpu-avx2", "cpu-avx512", "metal", "cuda", "vulkan", "android-arm64",
                                "linux-arm64"}
 
 
@@ -101,11 +101,16 @@ def readme_cmake_args() -> list[str]:
 
 
 @needs_cmake
-def test_cpu_profile_configures_like_the_readme_install(declared, tmp_path):
-    from_profile = cpu_variant(["-C", str(REPO / "cmake" / "cpu.cmake")], tmp_path, "profile")
-    assert from_profile == cpu_variant(readme_cmake_args(), tmp_path, "readme")
-    assert "-mavx2" in from_profile and "-mavx512f" in from_profile
-    assert "amx" not in from_profile.lower() and "native" not in from_profile
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 flags")
+def test_readme_install_is_the_portable_x86_build(declared, tmp_path):
+    """What the README installs runs on every AVX2 CPU: no AVX-512, AMX or native flags, and RPC is built."""
+    assert readme_cmake_args() == ["-C", str(REPO / "cmake" / "portable.cmake")]
+    variant = cpu_variant(readme_cmake_args(), tmp_path, "readme")
+    assert {"-mavx2", "-mfma", "-mf16c", "-mbmi2"} <= set(variant.split())
+    assert "avx512" not in variant and "amx" not in variant.lower() and "native" not in variant
+    assert settings("portable")["GGML_RPC"][1] == "ON"
+    fast = cpu_variant(["-C", str(REPO / "cmake" / "cpu-avx512.cmake")], tmp_path, "fast")
+    assert {"-mavx512f", "-mavx512vnni", "-mavx512bf16"} <= set(fast.split()) and "amx" not in fast.lower()
 
 
 @needs_cmake
@@ -129,7 +134,7 @@ def test_arm_profiles_target_real_architectures(name, tmp_path):
 
 def test_build_command_carries_the_profile_and_overrides():
     cmd = build_command("cuda", ["CMAKE_CUDA_ARCHITECTURES=90"])
-    assert cmd.cmake_args == f"-C {REPO / 'cmake' / 'cuda.cmake'} -DCMAKE_CUDA_ARCHITECTURES=90"
+    assert cmd.cmake_args == f"-C {PROFILES_DIR / 'cuda.cmake'} -DCMAKE_CUDA_ARCHITECTURES=90"
     assert cmd.argv[1:8] == ["-m", "pip", "install", "--no-cache-dir", "--verbose", "--force-reinstall", "--no-deps"]
     assert cmd.argv[8] == f"llama-cpp-python=={llama_cpp.__version__}"
     assert cmd.shell().startswith("CMAKE_ARGS=")

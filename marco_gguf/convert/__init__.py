@@ -15,6 +15,7 @@ from marco_gguf.convert.metadata import model_metadata
 from marco_gguf.convert.plan import plan_tensors
 from marco_gguf.convert.registry import HParams, find_architecture
 from marco_gguf.convert.vocab import load_vocab
+from marco_gguf.host import default_threads
 from marco_gguf.memory import kv_cache_bytes
 from marco_gguf.quantize.imatrix import attach_imatrix
 from marco_gguf.quantize.output import write_model_file
@@ -36,10 +37,6 @@ class Result:
     @property
     def nbytes(self) -> int:
         return sum(j.nbytes for j in self.jobs)
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: int | None = None, force: bool = False,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from marco_gguf.errors import MarcoError
+from marco_gguf.host import read_into
 
 # safetensors dtype -> (numpy dtype used to hold the raw bytes, bytes per element)
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(np.uint16)}
@@ -109,7 +110,7 @@ class Checkpoint:
         if not (path / "tokenizer.json").is_file():
             raise MarcoError(f"{path} has no tokenizer.json: the tokenizer files are needed too")
         tensors = _locate_tensors(path)
-        fds = {p: os.open(p, os.O_RDONLY) for p in {t.path for t in tensors.values()}}
+        fds = {p: os.open(p, os.O_RDONLY | getattr(os, "O_BINARY", 0)) for p in {t.path for t in tensors.values()}}
         return cls(path, config, tensors, fds)
 
     def read_rows(self, t: StoredTensor, first_row: int, n_rows: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -120,7 +121,7 @@ class Checkpoint:
             out = np.empty((n_rows, row_len), dtype)
         offset = t.offset + first_row * row_len * dtype.itemsize
         view = memoryview(out.reshape(-1).view(np.uint8))
-        got = os.preadv(self._fds[t.path], [view], offset)
+        got = read_into(self._fds[t.path], view, offset)
         if got != view.nbytes:
             raise MarcoError(f"{t.path.name} is truncated: short read in tensor {t.name}")
         return out

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from marco_gguf.errors import MarcoError
+from marco_gguf.host import default_threads
 from marco_gguf.memory import Footprint
 from marco_gguf.runtime.placement import cpu_overrides, expert_patterns
 
@@ -237,7 +238,7 @@ def run_bench(path: Path | str, s: Settings) -> dict:
     check_gguf(path)
     if s.n_prompt < 1 or s.n_gen < 1 or s.repetitions < 1:
         raise MarcoError("-p, -n and --repetitions must be at least 1")
-    threads = s.threads or len(os.sched_getaffinity(0))
+    threads = s.threads or default_threads()
     s = Settings(**{**asdict(s), "threads": threads})
     footprint = Footprint.of(path)
     runners = [api_runner(path, s)]

@@ -1,4 +1,4 @@
-"""Build profiles for llama.cpp (cmake/*.cmake) and the pip command that rebuilds llama-cpp-python with one."""
+"""Build profiles for llama.cpp (marco_gguf/cmake/*.cmake, shipped in the wheel) and the pip command that rebuilds llama-cpp-python with one."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from marco_gguf.errors import MarcoError
 
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "cmake"
+PROFILES_DIR = Path(__file__).resolve().parents[1] / "cmake"  # package data: works from a wheel too
 CROSS_PROFILES = {"android-arm64"}  # built with cmake for another device, never pip-installed here
 
 # cmake -P evaluates a profile like `cmake -C` does and lists the cache entries it set
@@ -40,7 +40,7 @@ def profiles() -> list[str]:
 def profile_path(name: str) -> Path:
     path = PROFILES_DIR / f"{name}.cmake"
     if not PROFILES_DIR.is_dir():
-        raise MarcoError(f"build profiles not found in {PROFILES_DIR} (they ship with the source checkout)")
+        raise MarcoError(f"build profiles not found in {PROFILES_DIR} (they ship inside the marco-gguf package; reinstall it)")
     if not path.is_file():
         raise MarcoError(f"unknown build profile {name!r}; choose from {', '.join(profiles())}")
     return path

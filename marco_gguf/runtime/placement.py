@@ -36,6 +36,9 @@ def _ggml() -> ctypes.CDLL:
     """libggml as loaded by llama-cpp-python, with the backend-registry functions typed."""
     from llama_cpp._ggml import libggml as lib
 
+    from marco_gguf.bindings import check
+
+    check()
     for name, restype, argtypes in (
         ("ggml_backend_reg_count", ctypes.c_size_t, []),
         ("ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),

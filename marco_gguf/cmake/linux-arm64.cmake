@@ -21,3 +21,6 @@ if(NOT _marco_host_arch MATCHES "^(aarch64|arm64|ARM64)$")
   set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc CACHE FILEPATH "C compiler")
   set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++ CACHE FILEPATH "C++ compiler")
 endif()
+
+# llama.cpp RPC backend, for `marco-gguf rpc-server` and `--rpc HOST:PORT`
+set(GGML_RPC ON CACHE BOOL "ggml: use RPC")

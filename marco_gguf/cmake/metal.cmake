@@ -13,3 +13,6 @@ set(GGML_BLAS_VENDOR "Apple" CACHE STRING "ggml: BLAS library vendor")
 # an Apple GPU shares memory with the CPU; the build machine is the machine that runs it, and Apple
 # silicon has no AMX-style trap, so -mcpu=native is safe here
 set(GGML_NATIVE ON CACHE BOOL "ggml: optimize the build for the current system")
+
+# llama.cpp RPC backend, for `marco-gguf rpc-server` and `--rpc HOST:PORT`
+set(GGML_RPC ON CACHE BOOL "ggml: use RPC")

@@ -24,3 +24,5 @@ set(GGML_AVX512_BF16 OFF CACHE BOOL "ggml: enable AVX512-BF16")
 set(GGML_AMX_TILE OFF CACHE BOOL "ggml: enable AMX-TILE")
 set(GGML_AMX_INT8 OFF CACHE BOOL "ggml: enable AMX-INT8")
 set(GGML_AMX_BF16 OFF CACHE BOOL "ggml: enable AMX-BF16")
+# llama.cpp RPC backend, for `marco-gguf rpc-server` and `--rpc HOST:PORT`
+set(GGML_RPC ON CACHE BOOL "ggml: use RPC")

@@ -20,3 +20,6 @@ set(GGML_CPU_ARM_ARCH "armv8.2-a+dotprod+fp16+i8mm" CACHE STRING "ggml: CPU arch
 set(GGML_OPENMP OFF CACHE BOOL "ggml: use OpenMP")
 set(GGML_LLAMAFILE OFF CACHE BOOL "ggml: use LLAMAFILE")
 set(LLAMA_OPENSSL OFF CACHE BOOL "llama: use openssl to support HTTPS")
+
+# llama.cpp RPC backend, for `marco-gguf rpc-server` and `--rpc HOST:PORT`
+set(GGML_RPC ON CACHE BOOL "ggml: use RPC")

@@ -1,0 +1,1 @@
+marco_gguf/cmake
