@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -131,3 +132,221 @@ def test_api_key(model):
         thread.join(10)
     assert server.is_loopback("127.0.0.1") and server.is_loopback("::1") and server.is_loopback("localhost")
     assert not server.is_loopback("0.0.0.0") and not server.is_loopback("example.org")
+
+
+# --- hardening: cancellation, limits, unsupported parameters, /tokenize, Host/Origin/CORS ---------------------
+
+class Recording:
+    """The model, with every TokenStream the server starts kept in `streams`: a test can see a generation
+    running (its tokens) and how it ended (its completion), without timing anything."""
+
+    def __init__(self, model):
+        self.model, self.streams = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def stream(self, *args, **kwargs):
+        self.streams.append(self.model.stream(*args, **kwargs))
+        return self.streams[-1]
+
+
+def _until(condition, what, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+@pytest.fixture()
+def recorded(model):
+    rec = Recording(model)
+    srv, thread, url = _start(server.create_app(rec, "marco-tiny"))
+    yield rec, url
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation(recorded, model):
+    rec, url = recorded
+    room = model.n_ctx - len(model.tokenize("Marco"))  # greedy, the tiny model never ends a turn: it would fill this
+    body = json.dumps({"prompt": "Marco", "temperature": 0}).encode()
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        _until(lambda: rec.streams and rec.streams[-1].tokens, "the generation to start")
+    stream = rec.streams[-1]
+    _until(lambda: stream.completion is not None, "the generation to end")
+    assert stream.completion.finish_reason == "cancelled"
+    assert stream.completion.completion_tokens < room // 2
+    # the lock is free: the next request is answered, and by a generation of its own
+    reply = httpx.post(url + "/v1/completions", json={"prompt": "Marco", "max_tokens": 3, "temperature": 0})
+    assert reply.json()["choices"][0]["finish_reason"] == "length" and len(rec.streams) == 2
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generation(recorded, model):
+    rec, url = recorded
+    with httpx.stream("POST", url + "/v1/chat/completions", json={"messages": MESSAGES, "stream": True,
+                                                                    "temperature": 0}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        _until(lambda: rec.streams[-1].tokens, "the generation to start")
+    stream = rec.streams[-1]
+    _until(lambda: stream.completion is not None, "the generation to end")
+    assert stream.completion.finish_reason == "cancelled"
+    assert stream.completion.completion_tokens < (model.n_ctx - stream.completion.prompt_tokens) // 2
+    assert httpx.post(url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2}).status_code == 200
+
+
+def test_max_tokens_is_capped_by_the_room_left_in_the_context(client, model):
+    reply = client.completions.create(model="marco-tiny", prompt="Marco", max_tokens=100_000, temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == model.n_ctx - reply.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("path,extra,named", [
+    ("/v1/chat/completions", {"n": 2}, "n"),
+    ("/v1/chat/completions", {"logit_bias": {"15": 10}}, "logit_bias"),
+    ("/v1/chat/completions", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ("/v1/chat/completions", {"function_call": "auto"}, "function_call"),
+    ("/v1/chat/completions", {"frobnicate": True}, "frobnicate"),
+    ("/v1/completions", {"best_of": 3}, "best_of"),
+    ("/v1/completions", {"echo": True}, "echo"),
+    ("/v1/completions", {"suffix": "end"}, "suffix"),
+])
+def test_a_parameter_that_would_change_the_answer_but_is_not_implemented_is_refused_by_name(
+        base_url, path, extra, named):
+    body = ({"messages": MESSAGES} if "chat" in path else {"prompt": "Marco"}) | {"max_tokens": 1} | extra
+    response = httpx.post(base_url + path, json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == named and f"unsupported parameter: {named}" in error["message"]
+
+
+def test_harmless_and_no_op_parameters_are_accepted(client):
+    harmless = {name: "x" for name in server.HARMLESS_FIELDS} | {"metadata": {"k": "v"}, "store": False}
+    reply = client.chat.completions.create(model="marco-tiny", messages=MESSAGES, max_tokens=1, n=1, logit_bias={},
+                                           extra_body=harmless)
+    assert reply.choices[0].finish_reason == "length"
+    reply = client.completions.create(model="marco-tiny", prompt="Marco", max_tokens=1, best_of=1, echo=False,
+                                      extra_body=harmless)
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_tokenize_and_detokenize_in_llama_servers_shapes(base_url, model):
+    text = "<|im_start|>user\nXin chào, 世界!<|im_end|>"
+    ids = httpx.post(base_url + "/tokenize", json={"content": text}).json()["tokens"]
+    assert ids == model.tokenize(text, special=True)
+    plain = httpx.post(base_url + "/tokenize", json={"content": text, "parse_special": False}).json()["tokens"]
+    assert plain == model.tokenize(text) != ids
+    pieces = httpx.post(base_url + "/tokenize", json={"content": text, "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == ids
+    assert all(isinstance(p["piece"], str) or all(0 <= b < 256 for b in p["piece"]) for p in pieces)
+    assert pieces[0]["piece"] == "<|im_start|>"
+    assert httpx.post(base_url + "/detokenize", json={"tokens": ids}).json() == {"content": text}
+    assert httpx.post(base_url + "/detokenize", json={"tokens": []}).json() == {"content": ""}
+
+
+@pytest.mark.parametrize("path,body,message", [
+    ("/detokenize", {"tokens": [10**9]}, "token ids must be in"),
+    ("/detokenize", {"tokens": [-1]}, "token ids must be in"),
+    ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ("/tokenize", {}, "content"),
+    ("/tokenize", {"content": "\ud800"}, "not valid Unicode"),
+    ("/v1/completions", {"prompt": "x\udfff"}, "not valid Unicode"),
+    ("/v1/completions", {"prompt": []}, "empty"),
+    ("/v1/completions", {"prompt": [[1, 2]]}, "prompt"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "chat_template_kwargs": {"messages": []}}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, ""),
+    ("/v1/chat/completions", {"messages": "hello"}, "messages"),
+    ("/v1/chat/completions", [1, 2], ""),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stop": [1]}, "stop"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+])
+def test_malformed_input_gets_a_4xx_never_a_500(base_url, path, body, message):
+    raw = json.dumps(body).encode()  # ASCII: a lone surrogate goes as a \uXXXX escape
+    response = httpx.post(base_url + path, content=raw, headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_a_body_over_the_limit_gets_413(model):
+    srv, thread, url = _start(server.create_app(model, "marco-tiny", max_body=2000))
+    try:
+        body = {"messages": [{"role": "user", "content": "x" * 3000}]}
+        response = httpx.post(url + "/v1/chat/completions", json=body)
+        assert response.status_code == 413 and "2000 bytes" in response.json()["error"]["message"]
+
+        def chunked():  # no Content-Length: the limit holds while reading
+            yield b'{"messages": [{"role": "user", "content": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}]}'
+
+        response = httpx.post(url + "/v1/chat/completions", content=chunked(),
+                              headers={"content-type": "application/json"})
+        assert response.status_code == 413
+        small = {"messages": MESSAGES, "max_tokens": 1}
+        assert httpx.post(url + "/v1/chat/completions", json=small).status_code == 200
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_foreign_host_names_are_refused_and_loopback_ones_answered(base_url):
+    port = base_url.rsplit(":", 1)[1]
+    for host in ("attacker.example.com", f"attacker.example.com:{port}", "localhost.attacker.example", "0.0.0.0",
+                 "192.168.1.20"):
+        response = httpx.get(base_url + "/v1/models", headers={"Host": host})
+        assert response.status_code == 403, host
+        assert "--allowed-hosts" in response.json()["error"]["message"]
+    for host in ("localhost", f"localhost:{port}", "LOCALHOST", f"127.0.0.1:{port}", "127.0.0.1", f"[::1]:{port}",
+                 "[::1]"):
+        assert httpx.get(base_url + "/v1/models", headers={"Host": host}).status_code == 200, host
+
+
+def test_allowed_hosts_extends_the_names_answered(model):
+    srv, thread, url = _start(server.create_app(model, allowed_hosts=["marco.lan,  gpu-box"]))
+    try:
+        for host, status in (("marco.lan:8080", 200), ("gpu-box", 200), ("localhost", 200), ("other.lan", 403)):
+            assert httpx.get(url + "/health", headers={"Host": host}).status_code == status, host
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+    srv, thread, url = _start(server.create_app(model, allowed_hosts=["*"]))
+    try:
+        assert httpx.get(url + "/health", headers={"Host": "anything.example"}).status_code == 200
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+    names = server.allowed_host_names("192.168.1.20")
+    assert server.host_allowed("192.168.1.20:8080", names) and not server.host_allowed("10.0.0.1", names)
+    assert not server.host_allowed("example.com", server.allowed_host_names("0.0.0.0"))
+
+
+def test_cors_is_closed_unless_an_origin_is_named(base_url, model):
+    page = "http://localhost:3000"
+    preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type,authorization"}
+    response = httpx.options(base_url + "/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in response.headers
+    # a page's request that needs no preflight (a "simple" POST) is refused outright, not just unreadable
+    response = httpx.post(base_url + "/v1/completions", headers={"Origin": "https://evil.example"},
+                          json={"prompt": "Marco", "max_tokens": 1})
+    assert response.status_code == 403 and "--cors-origin" in response.json()["error"]["message"]
+    same_origin = httpx.get(base_url + "/v1/models", headers={"Origin": base_url})
+    assert same_origin.status_code == 200 and "access-control-allow-origin" not in same_origin.headers
+
+    srv, thread, url = _start(server.create_app(model, "marco-tiny", api_key="k", cors_origins=[page]))
+    try:
+        response = httpx.options(url + "/v1/chat/completions", headers=preflight)
+        assert response.status_code == 200 and response.headers["access-control-allow-origin"] == page
+        response = httpx.get(url + "/v1/models", headers={"Origin": page, "Authorization": "Bearer k"})
+        assert response.status_code == 200 and response.headers["access-control-allow-origin"] == page
+        response = httpx.get(url + "/v1/models", headers={"Origin": page})  # no key: refused, readably
+        assert response.status_code == 401 and response.headers["access-control-allow-origin"] == page
+        assert httpx.get(url + "/v1/models", headers={"Origin": "https://evil.example"}).status_code == 403
+    finally:
+        srv.should_exit = True
+        thread.join(10)

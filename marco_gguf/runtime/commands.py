@@ -248,6 +248,18 @@ def serve(
                                                 help="Require this key (Authorization: Bearer KEY).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Model id the API reports (default: the "
                                              "model's name).")] = None,
+    allowed_hosts: Annotated[list[str] | None, typer.Option(
+        "--allowed-hosts", help="Host names clients may use besides localhost and the --host address "
+        "(comma-separated or repeated; '*': any). Others get a 403, so that a web page cannot reach the "
+        "server by rebinding its domain to this address.")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        "--cors-origin", help="Let web pages from this origin (e.g. http://localhost:3000) call the API; "
+        "repeatable, '*' for any. Default: none.")] = None,
+    max_body: Annotated[float, typer.Option("--max-body", help="Largest request body in MiB (larger: 413).",
+                                            min=0.001)] = 4,
+    reasoning_format: Annotated[str, typer.Option(
+        "--reasoning-format", help="deepseek: a reply's <think> text goes to reasoning_content (llama-server's "
+        "default); none: it stays in the content. Requests may choose with reasoning_format.")] = "deepseek",
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
     experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
@@ -265,7 +277,8 @@ def serve(
         model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
                       experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
         model.sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, False, None)
-        app = server.create_app(model, name, api_key, kwargs)
+        app = server.create_app(model, name, api_key, kwargs, host=host, allowed_hosts=allowed_hosts,
+                                cors_origins=cors_origin, max_body=int(max_body * (1 << 20)))
         err.print(f"serving [bold]{name or model.name}[/] at http://{host}:{sock.getsockname()[1]}/v1 "
                   f"({model.n_ctx} tokens of context); Ctrl-C stops", highlight=False)
         server.make_server(app, sock, log_level="warning").run(sockets=[sock])

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import random
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -60,14 +61,22 @@ class TokenStream:
     """The text of a generation, piece by piece as tokens come; `completion` is set once it ends.
 
     Iterate it once. Breaking off early (or closing it) ends the generation with finish_reason
-    "cancelled". The per-token work is llama.cpp's decode and sampler plus a cached piece lookup.
+    "cancelled", and so does `cancel()` from another thread: a server whose client went away while
+    `wait()` runs in a worker thread stops it before the next decode step instead of at the end of
+    the context. The per-token work is llama.cpp's decode and sampler plus a cached piece lookup.
     """
+
 
     def __init__(self, model: MarcoModel, ids: list[int], sampling: Sampling):
         self.model, self.ids, self.sampling = model, ids, sampling
         self.text = ""
         self.tokens: list[int] = []  # the generated ids (end-of-turn token excluded)
         self.completion: Completion | None = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop the generation before its next decode step (thread-safe; finish_reason "cancelled")."""
+        self._cancelled.set()
 
     def __iter__(self) -> Iterator[str]:
         model, ids, s = self.model, self.ids, self.sampling
@@ -85,6 +94,8 @@ class TokenStream:
         finish, n, pending = "cancelled", 0, ""
         t0 = t_first = time.perf_counter()
         try:
+            if self._cancelled.is_set():  # cancelled while queued: not even the prompt is evaluated
+                return
             for token in _tokens(llama, ids, s):
                 if n == 0:
                     t_first = time.perf_counter()
@@ -104,6 +115,8 @@ class TokenStream:
                     yield out
                 if hit or last:
                     finish = "stop" if hit else "length"
+                    break
+                if self._cancelled.is_set():  # checked before the generator decodes the next token
                     break
         finally:
             t_end = time.perf_counter()

@@ -4,9 +4,16 @@
 of endpoints defined inside create_app.)
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streamed as server-sent events with
-"stream": true), GET /v1/models and /health. One model serves one request at a time: requests
-queue on a lock and are answered in turn, the generation itself runs in worker threads so the
-server stays responsive. Bad requests get a 4xx with an OpenAI-style error body.
+"stream": true), GET /v1/models and /health, and llama-server's POST /tokenize and /detokenize.
+One model serves one request at a time: requests queue on a lock and are answered in turn, the
+generation itself runs in worker threads so the server stays responsive. A client that goes away
+(streaming or not) cancels its generation before the next decode step, so it cannot hold the
+queue. Bad requests get a 4xx with an OpenAI-style error body, never a 500: parameters that would
+change the answer but are not implemented are refused by name rather than silently ignored.
+
+Web pages cannot use it: a Host header other than the served address is refused (a page could
+otherwise rebind its own domain to 127.0.0.1 and drive the model: DNS rebinding), so is a request
+from a foreign Origin, and CORS stays closed unless origins are named.
 """
 
 
@@ -14,6 +21,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import socket
 import time
 import uuid
@@ -25,6 +33,17 @@ from marco_gguf.runtime.model import Completion, MarcoModel, TokenStream
 from marco_gguf.runtime.sampling import Sampling
 
 INSTALL_HINT = "the server needs fastapi and uvicorn: pip install 'marco-gguf[serve]'"
+DEFAULT_MAX_BODY = 4 << 20  # bytes; a full 128k-token context as JSON text or ids is well under this
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+# request fields that cannot change the answer: accepted and ignored (OpenAI clients and proxies send them)
+HARMLESS_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
+# why a known but unimplemented parameter is refused, for the error message
+UNSUPPORTED_HINTS = {
+    "n": "one choice per request", "best_of": "one choice per request", "logit_bias": "not implemented",
+    "echo": "not implemented", "suffix": "not implemented (no fill-in-the-middle)",
+    "functions": "the legacy form of tools: send tools", "function_call": "the legacy form of tool_choice",
+}
+log = logging.getLogger("marco_gguf.server")
 
 
 def require_packages() -> None:
@@ -44,19 +63,163 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> Any:
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> Any:
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status)
+
+
+def unsupported_message(names: list[str]) -> str:
+    hints = [f"{n} ({UNSUPPORTED_HINTS[n]})" if n in UNSUPPORTED_HINTS else n for n in names]
+    return f"unsupported parameter{'s' if len(names) > 1 else ''}: {', '.join(hints)}"
+
+
+def host_name(header: str) -> str:
+    """The host part of a Host header, lower case: 'LocalHost:8080' -> 'localhost', '[::1]:80' -> '::1'."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        return host[1:host.index("]")] if "]" in host else host
+    if host.count(":") == 1:  # name:port or v4:port (a bare IPv6 address has more colons)
+        host = host.rsplit(":", 1)[0]
+    return host.rstrip(".")
+
+
+def allowed_host_names(bound: str, extra: list[str] | None = None) -> frozenset[str] | None:
+    """The Host names the server answers to (None: any): loopback names, the bound address unless it is a
+    wildcard, and `extra` ('*' allows every name)."""
+    extra = [h.strip() for h in extra or () for h in h.split(",") if h.strip()]
+    if "*" in extra:
+        return None
+    names = {"localhost", "127.0.0.1", "::1", *(host_name(h) for h in extra)}
+    if bound not in WILDCARD_HOSTS:
+        names.add(host_name(f"[{bound}]" if ":" in bound else bound))
+    return frozenset(names)
+
+
+def host_allowed(header: str | None, names: frozenset[str] | None) -> bool:
+    """Whether a request's Host header names this server.
+
+    A DNS-rebinding page always sends its own domain name, so every loopback address is accepted
+    as are the listed names; other IP literals only when listed or served (they cannot come from
+    rebinding, but answering them is the user's choice, by --host or --allowed-hosts). No Host at
+    all (HTTP/1.0) is no browser either.
+    """
+    if names is None or header is None:
+        return True
+    host = host_name(header)
+    return host in names or is_loopback(host)
+
+
+class Guard:
+    """ASGI middleware in front of everything: the Host and Origin checks and the request-size limit.
+
+    It reads the body itself (at most `max_body` bytes, else 413) and replays it to the app, so a
+    slow or endless upload cannot grow memory; after the body, the app's `receive` is the client's,
+    so disconnects still reach it.
+    """
+
+    def __init__(self, app: Any, hosts: frozenset[str] | None, origins: frozenset[str], max_body: int):
+        self.app, self.hosts, self.origins, self.max_body = app, hosts, origins, max_body
+
+    def refusal(self, headers: dict[str, str]) -> str | None:
+        host = headers.get("host")
+        if not host_allowed(host, self.hosts):
+            return (f"this server does not answer to the host name {host_name(host or '')!r} (a web page could use "
+                    "it by rebinding its domain to this address); start it with --allowed-hosts NAME to allow it")
+        origin = headers.get("origin")
+        # a browser names the page's origin on every cross-origin request and on same-origin POSTs
+        if origin is not None and "*" not in self.origins and origin.rstrip("/") not in self.origins:
+            same = origin.split("://", 1)[-1].rstrip("/").lower() == (host or "").lower()
+            if not same:
+                return (f"requests from web pages at {origin} are refused; start the server with "
+                        f"--cors-origin {origin} to allow them")
+        return None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self.refusal(headers)
+        if refusal:
+            await _error(403, refusal, "permission_error")(scope, receive, send)
+            return
+        too_large = _error(413, f"the request body is larger than the server's limit of {self.max_body} bytes "
+                                "(--max-body)", "request_too_large")
+        length = headers.get("content-length", "0")
+        if length.isdigit() and int(length) > self.max_body:
+            await too_large(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                await too_large(scope, receive, send)
+                return
+            if not message.get("more_body"):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> dict:
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = body, None
+            return message
+
+        await self.app(scope, replay, send)
+
+
+class KeyCheck:
+    """ASGI middleware: every path but /health needs `Authorization: Bearer KEY`. It sits inside CORS so that
+    browsers' preflight requests (which carry no credentials) are answered and a 401 carries CORS headers."""
+
+    def __init__(self, app: Any, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"").removeprefix(b"Bearer ").strip()
+            if not hmac.compare_digest(given, self.key):
+                await _error(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                             "authentication_error")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def cancel_on_disconnect(receive: Any, stream: TokenStream) -> None:
+    """Wait for the client to go away (the ASGI http.disconnect after its body), then cancel `stream`."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    stream.cancel()
+
+
+def _log(rid: str, c: Completion | None) -> None:
+    if c is not None:
+        log.info("%s: %d prompt tokens (%d evaluated), %d generated, finish %s", rid, c.prompt_tokens,
+                 c.prompt_evaluated, c.completion_tokens, c.finish_reason)
 
 
 def create_app(model: MarcoModel, name: str | None = None, api_key: str | None = None,
-               template_kwargs: dict[str, Any] | None = None) -> Any:
-    """The FastAPI application serving `model` under the id `name` (default: the model's name)."""
+               template_kwargs: dict[str, Any] | None = None, *, host: str = "127.0.0.1",
+               allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None,
+               max_body: int = DEFAULT_MAX_BODY) -> Any:
+    """The FastAPI application serving `model` under the id `name` (default: the model's name).
+
+    `host` is the address served: its name is accepted in Host headers besides the loopback ones and
+    `allowed_hosts` ('*': any). `cors_origins` are the web origins allowed to call it (default none).
+    `max_body` bounds a request body in bytes.
+    """
     require_packages()
     import anyio
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
+    from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException
@@ -67,7 +230,11 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
     default_template_kwargs = dict(template_kwargs or {})
 
     class SamplingFields(BaseModel):
-        model_config = ConfigDict(extra="ignore")
+        """The fields both completion endpoints take. Unknown ones are refused (extra="forbid") rather than
+        ignored: a client relying on a parameter this server does not implement gets told, not a different
+        answer. Known unimplemented ones are accepted only at their no-op value (see `unsupported`)."""
+
+        model_config = ConfigDict(extra="forbid")
         model: str | None = None
         stream: bool = False
         max_tokens: int | None = Field(None, ge=1)
@@ -80,8 +247,20 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
         frequency_penalty: float | None = Field(None, ge=-2, le=2)
         seed: int | None = None
         stop: str | list[str] | None = None
-        n: int = Field(1, ge=1, le=1, description="only one choice per request")
         stream_options: dict[str, Any] | None = None
+        n: int | None = None  # unimplemented unless 1
+        logit_bias: dict[str, float] | None = None  # unimplemented unless empty
+        user: Any = None  # HARMLESS_FIELDS: accepted, ignored
+        metadata: Any = None
+        store: Any = None
+        service_tier: Any = None
+        prompt_cache_key: Any = None
+        safety_identifier: Any = None
+
+        def unsupported(self) -> list[str]:
+            """The unimplemented parameters this request sets to something other than their no-op value."""
+            names = [] if self.n in (None, 1) else ["n"]
+            return names + (["logit_bias"] if self.logit_bias else [])
 
         def sampling(self, max_tokens: int | None = None) -> Sampling:
             stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -104,11 +283,36 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
 
     class CompletionRequest(SamplingFields):
         prompt: str | list[int]
+        best_of: int | None = None  # unimplemented unless 1
+        echo: bool | None = None  # unimplemented unless false
+        suffix: str | None = None  # unimplemented unless empty
+
+        def unsupported(self) -> list[str]:
+            return super().unsupported() + [name for name, ok in (("best_of", self.best_of in (None, 1)),
+                                                                  ("echo", not self.echo),
+                                                                  ("suffix", not self.suffix)) if not ok]
+
+    class TokenizeRequest(BaseModel):
+        """llama-server's /tokenize. add_special would add BOS/EOS: Qwen's tokenizer adds neither, so it changes
+        nothing (as with Hugging Face's add_special_tokens)."""
+
+        model_config = ConfigDict(extra="forbid")
+        content: str
+        add_special: bool = False
+        parse_special: bool = True
+        with_pieces: bool = False
+
+    class DetokenizeRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        tokens: list[int]
 
     app = FastAPI(title="marco-gguf", docs_url=None, redoc_url=None)
 
     @app.exception_handler(RequestValidationError)
     def invalid(request: Request, exc: RequestValidationError) -> Any:
+        extra = [str(e["loc"][-1]) for e in exc.errors() if e.get("type") == "extra_forbidden" and e.get("loc")]
+        if extra:
+            return _error(400, unsupported_message(extra), param=extra[0])
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
             return _error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '?')})")
@@ -123,13 +327,18 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
     def marco_error(request: Request, exc: MarcoError) -> Any:
         return _error(400, str(exc))
 
+    @app.exception_handler(UnicodeError)
+    def not_unicode(request: Request, exc: UnicodeError) -> Any:  # e.g. a lone surrogate ("\ud800") in JSON text
+        return _error(400, f"the text is not valid Unicode ({exc})")
+
+    # the last added is the outermost: Guard, then CORS, then the key check
     if api_key:
-        @app.middleware("http")
-        async def check_key(request: Request, call_next: Any) -> Any:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if request.url.path != "/health" and not hmac.compare_digest(given.encode(), api_key.encode()):
-                return _error(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
-            return await call_next(request)
+        app.add_middleware(KeyCheck, key=api_key)
+    origins = frozenset(o.rstrip("/") for o in cors_origins or ())
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=sorted(origins), allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(Guard, hosts=allowed_host_names(host, allowed_hosts), origins=origins, max_body=max_body)
 
     @app.get("/health")
     def health() -> dict:
@@ -144,34 +353,51 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
         return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                 "total_tokens": c.prompt_tokens + c.completion_tokens}
 
-    async def events(stream: TokenStream, chunk: Any, include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events of a stream. Each token step runs in a worker thread while the lock is held; a
-        client that goes away cancels this between steps, which closes the generation and frees the lock."""
+    async def events(stream: TokenStream, chunk: Any, include_usage: bool, request: Request,
+                     rid: str) -> AsyncIterator[str]:
+        """Server-sent events of a stream. Each token step runs in a worker thread while the lock is held.
+
+        A client that goes away is noticed between steps, here (uvicorn drops what is sent to a closed
+        connection without an error, so writing alone would not notice) or by Starlette cancelling this
+        generator; either way the generation is closed and the lock freed before the next decode step.
+        """
         async with lock:
             pieces = iter(stream)
             try:
+                if await request.is_disconnected():  # gave up while queued
+                    return
                 yield f"data: {json.dumps(chunk(None, None, first=True))}\n\n"
                 while (piece := await anyio.to_thread.run_sync(next, pieces, None)) is not None:
+                    if await request.is_disconnected():
+                        return
                     yield f"data: {json.dumps(chunk(piece, None))}\n\n"
             except MarcoError as exc:
                 yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'invalid_request_error'}})}\n\n"
                 return
             finally:
                 pieces.close()
+                _log(rid, stream.completion)
             c = stream.completion
             yield f"data: {json.dumps(chunk(None, c.finish_reason))}\n\n"
             if include_usage:
                 yield f"data: {json.dumps(chunk(None, None, usage=usage(c)))}\n\n"
         yield "data: [DONE]\n\n"
 
-    async def generate(req: SamplingFields, ids: list[int], sampling: Sampling, kind: str) -> Any:
+    async def generate(req: SamplingFields, ids: list[int], sampling: Sampling, kind: str, request: Request) -> Any:
         rid, now = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": now,
                 "model": model_id}
         stream = model.stream(ids, sampling)
         if not req.stream:
-            async with lock:
-                c = await anyio.to_thread.run_sync(stream.wait)
+            # the generation runs in one worker-thread call; a watcher cancels it if the client leaves,
+            # queued or generating (else the queue waits for a reply nobody reads, up to a full context)
+            watcher = asyncio.ensure_future(cancel_on_disconnect(request.receive, stream))
+            try:
+                async with lock:
+                    c = await anyio.to_thread.run_sync(stream.wait)
+            finally:
+                watcher.cancel()
+                _log(rid, stream.completion)
             choice = {"index": 0, "finish_reason": c.finish_reason, "logprobs": None}
             choice |= {"message": {"role": "assistant", "content": c.text}} if kind == "chat" else {"text": c.text}
             return base | {"choices": [choice], "usage": usage(c)}
@@ -187,7 +413,7 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
             return base | {"choices": [{"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}]}
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(events(stream, chunk, include_usage), media_type="text/event-stream")
+        return StreamingResponse(events(stream, chunk, include_usage, request, rid), media_type="text/event-stream")
 
     def prompt_ids(ids: list[int]) -> list[int]:
         if not ids:
@@ -198,19 +424,51 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
             raise MarcoError(f"the prompt is {len(ids)} tokens; the context holds {model.n_ctx}")
         return ids
 
+    def refuse_unsupported(req: SamplingFields) -> Any:
+        names = req.unsupported()
+        return _error(400, unsupported_message(names), param=names[0]) if names else None
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest) -> Any:
+    async def chat_completions(req: ChatRequest, request: Request) -> Any:
+        if refused := refuse_unsupported(req):
+            return refused
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         kwargs = default_template_kwargs | (req.chat_template_kwargs or {})
+        if reserved := sorted({"messages", "tools", "add_generation_prompt"} & kwargs.keys()):
+            raise MarcoError(f"chat_template_kwargs cannot set {', '.join(reserved)} (the request does)")
         ids = model.tokenize(model.render(messages, tools=req.tools, **kwargs), special=True)
-        return await generate(req, prompt_ids(ids), req.sampling(req.max_completion_tokens), "chat")
+        return await generate(req, prompt_ids(ids), req.sampling(req.max_completion_tokens), "chat", request)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        if refused := refuse_unsupported(req):
+            return refused
         ids = model.tokenize(req.prompt, special=True) if isinstance(req.prompt, str) else list(req.prompt)
-        return await generate(req, prompt_ids(ids), req.sampling(), "text")
+        return await generate(req, prompt_ids(ids), req.sampling(), "text", request)
+
+    @app.post("/tokenize")
+    def tokenize(req: TokenizeRequest) -> dict:
+        """llama-server's shape; the ids are Hugging Face's (NFC, added tokens split first), as generation uses."""
+        ids = model.tokenize(req.content, special=req.parse_special)
+        if not req.with_pieces:
+            return {"tokens": ids}
+        return {"tokens": [{"id": i, "piece": _piece_json(model.vocab.piece(i))} for i in ids]}
+
+    @app.post("/detokenize")
+    def detokenize(req: DetokenizeRequest) -> dict:
+        if any(not 0 <= i < model.vocab.n_tokens for i in req.tokens):  # llama.cpp does not check
+            raise MarcoError(f"token ids must be in [0, {model.vocab.n_tokens})")
+        return {"content": model.detokenize(req.tokens)}
 
     return app
+
+
+def _piece_json(piece: bytes) -> str | list[int]:
+    """A token's bytes as llama-server shows them: the text when it is valid UTF-8, else the byte values."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(piece)
 
 
 def bind(host: str, port: int) -> socket.socket:
