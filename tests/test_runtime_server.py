@@ -185,6 +185,21 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation(recor
     assert reply.json()["choices"][0]["finish_reason"] == "length" and len(rec.streams) == 2
 
 
+def test_a_client_that_leaves_while_queued_costs_no_generation(recorded):
+    rec, url = recorded
+    body = json.dumps({"prompt": "Marco", "max_tokens": 5}).encode()
+    port = int(url.rsplit(":", 1)[1])
+    with httpx.stream("POST", url + "/v1/completions", json={"prompt": "Marco", "stream": True}) as busy:
+        next(busy.iter_lines())  # the first request holds the model
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            _until(lambda: len(rec.streams) == 2, "the second request to be queued")
+    queued = rec.streams[1]
+    _until(lambda: queued.completion is not None, "the queued request to be dropped")
+    assert queued.completion.finish_reason == "cancelled" and queued.completion.completion_tokens == 0
+
+
 def test_a_client_that_leaves_a_stream_stops_its_generation(recorded, model):
     rec, url = recorded
     with httpx.stream("POST", url + "/v1/chat/completions", json={"messages": MESSAGES, "stream": True,
