@@ -365,3 +365,32 @@ def test_cors_is_closed_unless_an_origin_is_named(base_url, model):
     finally:
         srv.should_exit = True
         thread.join(10)
+
+
+def test_serve_passes_its_host_cors_and_size_options_to_the_app(tiny_f32, monkeypatch):
+    from starlette.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from marco_gguf.cli import app as cli
+
+    checked = []
+
+    class Server:  # instead of uvicorn: drive the app the command built, in process
+        def __init__(self, app, sock, log_level="warning"):
+            self.app = app
+
+        def run(self, sockets):
+            with TestClient(self.app, base_url="http://localhost") as http:
+                page = {"Origin": "http://localhost:3000"}
+                checked.append(http.get("/health", headers={"Host": "marco.lan"}).status_code)
+                checked.append(http.get("/health", headers={"Host": "evil.example"}).status_code)
+                checked.append(http.get("/health", headers=page).headers.get("access-control-allow-origin"))
+                checked.append(http.post("/tokenize", json={"content": "x" * 2000}).status_code)
+
+    monkeypatch.setattr(server, "make_server", Server)
+    result = CliRunner().invoke(cli, ["serve", str(tiny_f32), "--port", "0", "-c", "64", "-t", "1",
+                                      "--allowed-hosts", "marco.lan", "--cors-origin", "http://localhost:3000",
+                                      "--max-body", "0.001"])
+    assert result.exit_code == 0, result.output
+    assert checked == [200, 403, "http://localhost:3000", 413]
+

@@ -281,5 +281,8 @@ def serve(
                                 cors_origins=cors_origin, max_body=int(max_body * (1 << 20)))
         err.print(f"serving [bold]{name or model.name}[/] at http://{host}:{sock.getsockname()[1]}/v1 "
                   f"({model.n_ctx} tokens of context); Ctrl-C stops", highlight=False)
+        if host in server.WILDCARD_HOSTS and not allowed_hosts:  # else LAN clients' 403 would be a surprise
+            err.print("clients on other machines must use a name or address given with --allowed-hosts "
+                      "(only localhost, 127.0.0.1 and [::1] are answered)", highlight=False)
         server.make_server(app, sock, log_level="warning").run(sockets=[sock])
         model.close()
