@@ -88,10 +88,10 @@ def host_name(header: str) -> str:
 def allowed_host_names(bound: str, extra: list[str] | None = None) -> frozenset[str] | None:
     """The Host names the server answers to (None: any): loopback names, the bound address unless it is a
     wildcard, and `extra` ('*' allows every name)."""
-    extra = [h.strip() for h in extra or () for h in h.split(",") if h.strip()]
-    if "*" in extra:
+    given = [name.strip() for item in extra or () for name in item.split(",") if name.strip()]
+    if "*" in given:
         return None
-    names = {"localhost", "127.0.0.1", "::1", *(host_name(h) for h in extra)}
+    names = {"localhost", "127.0.0.1", "::1", *(host_name(name) for name in given)}
     if bound not in WILDCARD_HOSTS:
         names.add(host_name(f"[{bound}]" if ":" in bound else bound))
     return frozenset(names)
