@@ -9,13 +9,15 @@ from typing import Any
 
 from marco_gguf.errors import MarcoError
 from marco_gguf.files import atomic_output
-from marco_gguf.runtime.model import MarcoModel
+from marco_gguf.runtime.model import ChatPlan, MarcoModel
+from marco_gguf.runtime.reply import ChatReply
 from marco_gguf.runtime.sampling import Sampling
 
 HELP = """commands:
   /reset           start over (keeps the system prompt)
   /system TEXT     set the system prompt (/system alone removes it)
   /save FILE       write the conversation as JSON messages (/save --force FILE replaces a file)
+  /tool TEXT       answer the model's last tool call with TEXT (a tool result) and let it go on
   /help            this text
   /exit            leave (Ctrl-D too)
 multi-line input: end a line with \\ to continue it, or put the text between lines of three quotes (\"\"\")."""
@@ -25,12 +27,15 @@ class ChatSession:
     """Messages so far, kept within the context: the oldest turns are dropped when it fills up."""
 
     def __init__(self, model: MarcoModel, system: str | None = None, sampling: Sampling | None = None,
-                 template_kwargs: dict[str, Any] | None = None):
+                 template_kwargs: dict[str, Any] | None = None, tools: list[dict] | None = None,
+                 tool_choice: Any = None):
         self.model = model
         self.sampling = sampling or model.sampling
         self.template_kwargs = dict(template_kwargs or {})
         self.system = system
+        self.tools, self.tool_choice = tools, tool_choice
         self.messages: list[dict[str, Any]] = []
+        self.last_reply: ChatReply | None = None
 
     def history(self) -> list[dict[str, Any]]:
         """The conversation as the template sees it: the system prompt first, if any."""
@@ -41,9 +46,13 @@ class ChatSession:
 
     def _prompt_ids(self, messages: list[dict[str, Any]] | None = None) -> list[int]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        prompt = self.model.render(system + (self.messages if messages is None else messages),
-                                   add_generation_prompt=True, **self.template_kwargs)
-        return self.model.tokenize(prompt, special=True)
+        return self.model.tokenize(self._plan(system + (self.messages if messages is None else messages)).prompt,
+                                   special=True)
+
+    def _plan(self, messages: list[dict[str, Any]]) -> ChatPlan:
+        """Thinking stays in the shown text (as generated); tool calls are parsed out when tools are given."""
+        return self.model.plan_chat(messages, self.tools, self.tool_choice, reasoning_format="none",
+                                    template_kwargs=self.template_kwargs)
 
     def _reserve(self) -> int:
         """Context room kept free for the reply."""
@@ -68,12 +77,28 @@ class ChatSession:
         return dropped
 
     def reply(self) -> Iterator[str]:
-        """Stream the assistant's reply; it joins the conversation when it ends (or is interrupted)."""
-        stream = self.model.stream(self._prompt_ids(), self.sampling)
+        """Stream the assistant's reply text (tool-call markup left out: `last_reply.tool_calls` has the calls);
+        the reply joins the conversation when it ends (or is interrupted)."""
+        plan = self._plan(self.history())
+        stream = self.model.stream(self.model.tokenize(plan.prompt, special=True), self.sampling,
+                                   grammar=plan.grammar)
+        parser = plan.parser()
         try:
-            yield from stream
+            for piece in stream:
+                yield "".join(d.text for d in parser.feed(piece) if d.kind in ("content", "reasoning"))
+            yield "".join(d.text for d in parser.finish() if d.kind in ("content", "reasoning"))
         finally:
-            self.messages.append({"role": "assistant", "content": stream.text})
+            if stream.completion is not None:  # None: it failed before generating (the error says why)
+                self.last_reply = plan.reply(stream.completion)
+                self.messages.append(self.last_reply.message())
+
+    def add_tool_result(self, text: str) -> None:
+        """The answer to the last reply's tool calls (all of them get `text`; one call is the usual case)."""
+        calls = self.last_reply.tool_calls if self.last_reply is not None else []
+        if not calls or self.messages[-1].get("role") not in ("assistant", "tool"):
+            raise MarcoError("the model made no tool call to answer")
+        if self.messages[-1]["role"] == "assistant":
+            self.messages += [{"role": "tool", "tool_call_id": c.id, "content": text} for c in calls]
 
     def save(self, path: Path, force: bool = False) -> None:
         """The conversation as an OpenAI-style JSON message list (what `tokenize --messages` reads)."""
@@ -128,6 +153,13 @@ def run_repl(session: ChatSession, lines: Iterable[str], write: Callable[[str], 
                 notice(f"saved {len(session.history())} messages to {target}")
             except (MarcoError, OSError) as exc:
                 notice(f"not saved: {exc}")
+        elif command == "/tool":
+            try:
+                session.add_tool_result(arg.strip())
+            except MarcoError as exc:
+                notice(str(exc))
+                continue
+            _answer(session, write, notice)
         elif command.startswith("/") and " " not in command and command[1:].isalpha():
             notice(f"unknown command {command}; /help lists them")
         else:
@@ -138,9 +170,19 @@ def run_repl(session: ChatSession, lines: Iterable[str], write: Callable[[str], 
                 continue
             if dropped:
                 notice(f"(context full: dropped the oldest {dropped} turn{'s' if dropped > 1 else ''})")
-            try:
-                for piece in session.reply():
-                    write(piece)
-            except KeyboardInterrupt:
-                notice("\n(stopped)")
-            write("\n")
+            _answer(session, write, notice)
+
+
+def _answer(session: ChatSession, write: Callable[[str], None], notice: Callable[[str], None]) -> None:
+    """Stream a reply, then show the tool calls it made (answer them with /tool)."""
+    try:
+        for piece in session.reply():
+            if piece:
+                write(piece)
+    except KeyboardInterrupt:
+        notice("\n(stopped)")
+    except MarcoError as exc:
+        notice(str(exc))
+    write("\n")
+    for call in session.last_reply.tool_calls if session.last_reply is not None else []:
+        notice(f"[tool call {call.id}] {call.name}({call.arguments})  (answer with /tool RESULT)")

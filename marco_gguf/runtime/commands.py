@@ -13,6 +13,7 @@ import typer
 from marco_gguf.app import command, print_json
 from marco_gguf.errors import MarcoError
 from marco_gguf.runtime.model import KV_TYPES, MarcoModel, load_model
+from marco_gguf.runtime.reasoning import FORMATS as REASONING_FORMATS
 from marco_gguf.runtime.sampling import Sampling
 from marco_gguf.ui import console, err
 
@@ -86,6 +87,8 @@ def _template_kwargs(text: str | None) -> dict[str, Any]:
 def chat(
     model_path: Model,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+    tools: Annotated[Path | None, typer.Option("--tools", help="JSON file of OpenAI tool definitions to offer the "
+                                               "model; its calls are shown, /tool answers them.")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="Longest reply in tokens "
                                                    "(default: until the end of the turn).")] = None,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
@@ -103,7 +106,7 @@ def chat(
                   experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
     model.render([{"role": "user", "content": "hi"}], **kwargs)  # no template: fail now, not at the first message
     session = ChatSession(model, system, _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy,
-                                                   max_tokens), kwargs)
+                                                   max_tokens), kwargs, tools=_read_json(tools, "--tools", list))
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):
@@ -133,6 +136,8 @@ def run(
     as_chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message through the "
                                           "chat template.")] = False,
     as_json: Json = False,
+    json_schema: Annotated[Path | None, typer.Option("--json-schema", help="JSON schema file: the output is JSON "
+                                                     "that validates against it (constrained decoding).")] = None,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
     experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
@@ -146,11 +151,12 @@ def run(
     if max_tokens < 1:
         raise typer.BadParameter("--max-tokens must be at least 1")
     kwargs = _template_kwargs(chat_template_kwargs)
+    schema = _read_json(json_schema, "--json-schema", dict)
     model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
                   experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
     sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy, max_tokens)
     text = model.render([{"role": "user", "content": prompt}], **kwargs) if as_chat else prompt
-    stream = model.stream(text, sampling)
+    stream = model.stream(text, sampling, json_schema=schema)
     for piece in stream:
         if not as_json:
             sys.stdout.write(piece)
@@ -225,6 +231,19 @@ def tokenize(
             console.file.write(" ".join(map(str, ids)) + "\n")
 
 
+def _read_json(path: Path | None, option: str, kind: type) -> Any:
+    """The JSON value in the file an option names (None without one); one clear line when it is not JSON."""
+    if path is None:
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MarcoError(f"{option} {path}: not valid JSON ({exc})") from None
+    if not isinstance(value, kind):
+        raise MarcoError(f"{option} {path} must hold a JSON {'object' if kind is dict else 'list'}")
+    return value
+
+
 def _read_conversation(path: Path) -> dict[str, Any]:
     """{"messages": [...], ...} from a JSON file holding a message list or an object with "messages"."""
     try:
@@ -273,12 +292,15 @@ def serve(
     server.require_packages()
     server.check_host(host, api_key)
     kwargs = _template_kwargs(chat_template_kwargs)
+    if reasoning_format not in REASONING_FORMATS:
+        raise MarcoError(f"--reasoning-format must be one of {', '.join(REASONING_FORMATS)}")
     with server.bind(host, port) as sock:  # before the (slow) load: a port in use fails at once
         model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
                       experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
         model.sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, False, None)
         app = server.create_app(model, name, api_key, kwargs, host=host, allowed_hosts=allowed_hosts,
-                                cors_origins=cors_origin, max_body=int(max_body * (1 << 20)))
+                                cors_origins=cors_origin, max_body=int(max_body * (1 << 20)),
+                                reasoning_format=reasoning_format)
         err.print(f"serving [bold]{name or model.name}[/] at http://{host}:{sock.getsockname()[1]}/v1 "
                   f"({model.n_ctx} tokens of context); Ctrl-C stops", highlight=False)
         if host in server.WILDCARD_HOSTS and not allowed_hosts:  # else LAN clients' 403 would be a surprise

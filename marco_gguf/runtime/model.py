@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -19,7 +20,18 @@ from gguf import Keys
 
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
+from marco_gguf.runtime.grammar import (
+    forced_tool,
+    json_schema_grammar,
+    response_format_grammar,
+    tool_call_grammar,
+    tool_functions,
+)
+from marco_gguf.runtime.guided import TokenLogprob, guided_tokens
 from marco_gguf.runtime.placement import cpu_overrides, expert_patterns, model_params_with
+from marco_gguf.runtime.reasoning import FORMATS as REASONING_FORMATS
+from marco_gguf.runtime.reasoning import prompt_opens_thinking, template_thinks
+from marco_gguf.runtime.reply import ChatReply, ReplyParser
 from marco_gguf.runtime.sampling import Sampling
 from marco_gguf.runtime.template import ChatTemplate
 from marco_gguf.runtime.tokens import Vocab, nfc
@@ -57,6 +69,28 @@ class Completion:
         return n / self.generation_seconds if n > 0 and self.generation_seconds else None
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatPlan:
+    """How a chat request runs: the rendered prompt, the grammar that constrains the reply (a forced tool
+    call or response_format), and how the reply's text is split (tool calls parsed only when tools were
+    offered and tool_choice is not "none"; thinking split off when the template thinks). `starts_inside`:
+    the prompt opened the thinking block, so the reply begins in it. `max_calls` 1 when
+    parallel_tool_calls is false: calls after the first stay text."""
+
+    prompt: str
+    grammar: str | None = None
+    parse_tools: bool = False
+    reasoning: bool = False
+    starts_inside: bool = False
+    max_calls: int | None = None
+
+    def parser(self) -> ReplyParser:
+        return ReplyParser(self.parse_tools, self.reasoning, self.starts_inside, self.max_calls)
+
+    def reply(self, c: Completion, logprobs: list[TokenLogprob] | None = None) -> ChatReply:
+        return ChatReply.parse(c.text, self.parser(), finish_reason=c.finish_reason, completion=c, logprobs=logprobs)
+
+
 class TokenStream:
     """The text of a generation, piece by piece as tokens come; `completion` is set once it ends.
 
@@ -66,11 +100,11 @@ class TokenStream:
     the context. The per-token work is llama.cpp's decode and sampler plus a cached piece lookup.
     """
 
-
     def __init__(self, model: MarcoModel, ids: list[int], sampling: Sampling):
         self.model, self.ids, self.sampling = model, ids, sampling
         self.text = ""
         self.tokens: list[int] = []  # the generated ids (end-of-turn token excluded)
+        self.logprobs: list[TokenLogprob] = []  # one per generated token when sampling.logprobs is set
         self.completion: Completion | None = None
         self._cancelled = threading.Event()
 
@@ -89,14 +123,15 @@ class TokenStream:
         max_tokens = min(s.max_tokens or room, room)
         cached = _common_prefix(llama.input_ids[:llama.n_tokens], ids)
         evaluated = len(ids) - min(cached, len(ids) - 1)
-        llama.set_seed(s.seed if s.seed is not None else random.getrandbits(32))
+        seed = s.seed if s.seed is not None else random.getrandbits(32)
+        llama.set_seed(seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         finish, n, pending = "cancelled", 0, ""
         t0 = t_first = time.perf_counter()
         try:
             if self._cancelled.is_set():  # cancelled while queued: not even the prompt is evaluated
                 return
-            for token in _tokens(llama, ids, s):
+            for token in _tokens(llama, ids, s, seed, model, self.logprobs):
                 if n == 0:
                     t_first = time.perf_counter()
                 if token in stop_ids:
@@ -130,9 +165,16 @@ class TokenStream:
         return self.completion
 
 
-def _tokens(llama: Any, ids: list[int], s: Sampling) -> Iterator[int]:
+def _tokens(llama: Any, ids: list[int], s: Sampling, seed: int, model: MarcoModel,
+            logprobs: list[TokenLogprob]) -> Iterator[int]:
     """The generated token ids: llama.cpp's sampler chain, or for plain greedy decoding an argmax over
-    the logits (the chain fills a 152k-entry candidate array per token: ~2% of a token's time)."""
+    the logits (the chain fills a 152k-entry candidate array per token: ~2% of a token's time). A grammar
+    or log-probabilities take guided.py's loop (`logprobs` collects them)."""
+    if s.grammar or s.logprobs is not None:
+        llama.n_tokens = min(_common_prefix(llama.input_ids[:llama.n_tokens], ids), len(ids) - 1)
+        yield from guided_tokens(llama, model.vocab.ptr, ids[llama.n_tokens:], s, seed, logprobs,
+                                 model.foreign_ends if s.grammar else None)
+        return
     if s.temperature > 0 or s.repeat_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
         yield from llama.generate(ids, temp=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
                                   typical_p=1.0, repeat_penalty=s.repeat_penalty,
@@ -211,6 +253,13 @@ class MarcoModel:
         ids |= {i for i in self.vocab.control_ids if self.vocab.is_eog(i)}
         return frozenset(ids)
 
+    @functools.cached_property
+    def foreign_ends(self) -> np.ndarray:
+        """Ids llama.cpp treats as end of generation that are not end of turn here (e.g. "</s>", plain text
+        to Qwen's tokenizer): grammars must not end the output with them (guided.py)."""
+        ends = [i for i in range(self.vocab.n_tokens) if self.vocab.is_eog(i) and i not in self.stop_ids]
+        return np.array(ends, dtype=np.intc)
+
     @property
     def n_ctx(self) -> int:
         return self.llama.n_ctx() if self.llama is not None else self.n_ctx_train
@@ -254,33 +303,74 @@ class MarcoModel:
         llama.eval(ids)
         return np.array(llama.scores[: len(ids)], dtype=np.float32)
 
-    def stream(self, prompt: str | list[int], sampling: Sampling | None = None, **overrides: Any) -> TokenStream:
+    def stream(self, prompt: str | list[int], sampling: Sampling | None = None, json_schema: Any = None,
+               **overrides: Any) -> TokenStream:
         """Generate from a prompt (text, control tokens parsed, or token ids), piece by piece.
 
-        `overrides` change single settings of `sampling` (default: the model's), e.g. max_tokens=64, temperature=0.
+        `overrides` change single settings of `sampling` (default: the model's), e.g. max_tokens=64, temperature=0,
+        logprobs=5. `json_schema` (a dict) constrains the output to JSON that validates against it.
         """
         ids = self.tokenize(prompt, special=True) if isinstance(prompt, str) else list(prompt)
+        if json_schema is not None:
+            overrides["grammar"] = json_schema_grammar(json_schema)
         return TokenStream(self, ids, (sampling or self.sampling).replace(**overrides))
 
-    def complete(self, prompt: str | list[int], sampling: Sampling | None = None, **overrides: Any) -> Completion:
+    def complete(self, prompt: str | list[int], sampling: Sampling | None = None, json_schema: Any = None,
+                 **overrides: Any) -> Completion:
         """Generate from a prompt and return the whole Completion (text, finish reason, counts, timings)."""
-        return self.stream(prompt, sampling, **overrides).wait()
+        return self.stream(prompt, sampling, json_schema, **overrides).wait()
 
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
                  **overrides: Any) -> str:
         """Complete `prompt` and return the new text (greedy by default)."""
         return self.complete(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, **overrides).text
 
+    def plan_chat(self, messages: Any, tools: list[dict] | None = None, tool_choice: Any = None,
+                  parallel_tool_calls: bool = True, response_format: Any = None,
+                  reasoning_format: str = "deepseek", template_kwargs: dict[str, Any] | None = None) -> ChatPlan:
+        """The prompt, grammar and reply parsing for a chat request (OpenAI's fields; see ChatPlan)."""
+        if reasoning_format not in REASONING_FORMATS:
+            raise MarcoError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}")
+        if tools is not None and not isinstance(tools, list):
+            raise MarcoError("tools must be a list")
+        tool_functions(tools)  # a malformed tool is a clear error before anything runs
+        forced = forced_tool(tool_choice, tools)
+        grammar = response_format_grammar(response_format)
+        if tool_choice == "required" or forced:
+            if grammar:
+                raise MarcoError("response_format and a forced tool call (tool_choice required or named) conflict")
+            grammar = tool_call_grammar(tools or [], only=forced, parallel=parallel_tool_calls and not forced)
+        prompt = self.render(messages, tools=tools or None, **(template_kwargs or {}))
+        template = self.tool_template if tools and self.tool_template else self.template
+        thinks = reasoning_format != "none" and template is not None and template_thinks(template.source)
+        return ChatPlan(prompt, grammar, parse_tools=bool(tools) and tool_choice != "none", reasoning=thinks,
+                        starts_inside=thinks and prompt_opens_thinking(prompt),
+                        max_calls=None if parallel_tool_calls and not forced else 1)
+
     def chat(self, messages: Any, tools: list[dict] | None = None, stream: bool = False,
              template_kwargs: dict[str, Any] | None = None, sampling: Sampling | None = None,
-             **overrides: Any) -> str | TokenStream:
-        """The assistant's reply to OpenAI-style messages: its text, or a TokenStream with stream=True.
+             tool_choice: Any = None, parallel_tool_calls: bool = True, response_format: Any = None,
+             reasoning_format: str = "deepseek", **overrides: Any) -> ChatReply | TokenStream:
+        """The assistant's reply to OpenAI-style messages: a ChatReply, or a TokenStream of the raw text with
+        stream=True (ChatPlan.parser() splits it as the server does).
 
-        The reply ends at the model's end-of-turn token; <think> and <tool_call> text is passed
-        through as generated. `template_kwargs` (e.g. {"enable_thinking": False}) go to the template.
+        A ChatReply is a str (the content: the reply without thinking and tool-call markup) whose attributes
+        carry OpenAI's message: reasoning_content, tool_calls, finish_reason, logprobs; `.message()` is the
+        dict to append to the conversation. The reply ends at the model's end-of-turn token. `tools`,
+        `tool_choice` ("none", "auto", "required" or {"type": "function", "function": {"name": ...}}),
+        `parallel_tool_calls`, `response_format` and `reasoning_format` ("deepseek" splits <think> off,
+        "none" keeps it in the content) mean what they mean in OpenAI's API and llama-server's.
+        `template_kwargs` (e.g. {"enable_thinking": False}) go to the template.
         """
-        tokens = self.stream(self.render(messages, tools=tools, **(template_kwargs or {})), sampling, **overrides)
-        return tokens if stream else tokens.wait().text
+        plan = self.plan_chat(messages, tools, tool_choice, parallel_tool_calls, response_format, reasoning_format,
+                              template_kwargs)
+        if plan.grammar:
+            overrides["grammar"] = plan.grammar
+        tokens = self.stream(plan.prompt, sampling, **overrides)
+        if stream:
+            return tokens
+        c = tokens.wait()
+        return plan.reply(c, tokens.logprobs if tokens.sampling.logprobs is not None else None)
 
     def close(self) -> None:
         """Free llama.cpp's model and context now rather than at garbage collection."""

@@ -12,6 +12,7 @@ from marco_gguf.errors import MarcoError
 METADATA_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
                  "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
                  "general.sampling.penalty_repeat": "repeat_penalty"}
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +20,8 @@ class Sampling:
     """How tokens are picked. The defaults are Qwen3's advice for chat (non-thinking mode).
 
     temperature 0 is greedy decoding; a seed makes sampled output reproducible; max_tokens None
-    generates until an end-of-turn token or a full context; `stop` strings end the text early.
+    generates until an end-of-turn token or a full context; `stop` strings end the text early;
+    `grammar` constrains the output, `logprobs` reports log-probabilities (both take the slower token loop).
     """
 
     temperature: float = 0.7
@@ -32,6 +34,8 @@ class Sampling:
     seed: int | None = None
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: str | None = None  # llama.cpp GBNF the output must match (grammar.py builds them from JSON schemas)
+    logprobs: int | None = None  # None: off; k: record each token's log-probability and its k best alternatives
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -42,6 +46,8 @@ class Sampling:
             raise MarcoError("top_k must be 0 (off) or more")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise MarcoError("max_tokens must be at least 1")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise MarcoError(f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))

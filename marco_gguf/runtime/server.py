@@ -29,8 +29,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from marco_gguf.errors import MarcoError
-from marco_gguf.runtime.model import Completion, MarcoModel, TokenStream
+from marco_gguf.runtime.grammar import response_format_grammar
+from marco_gguf.runtime.guided import chat_logprobs, text_logprobs
+from marco_gguf.runtime.model import ChatPlan, Completion, MarcoModel, TokenStream
+from marco_gguf.runtime.reasoning import FORMATS as REASONING_FORMATS
 from marco_gguf.runtime.sampling import Sampling
+from marco_gguf.runtime.toolcalls import Delta
 
 INSTALL_HINT = "the server needs fastapi and uvicorn: pip install 'marco-gguf[serve]'"
 DEFAULT_MAX_BODY = 4 << 20  # bytes; a full 128k-token context as JSON text or ids is well under this
@@ -208,12 +212,13 @@ def _log(rid: str, c: Completion | None) -> None:
 def create_app(model: MarcoModel, name: str | None = None, api_key: str | None = None,
                template_kwargs: dict[str, Any] | None = None, *, host: str = "127.0.0.1",
                allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None,
-               max_body: int = DEFAULT_MAX_BODY) -> Any:
+               max_body: int = DEFAULT_MAX_BODY, reasoning_format: str = "deepseek") -> Any:
     """The FastAPI application serving `model` under the id `name` (default: the model's name).
 
     `host` is the address served: its name is accepted in Host headers besides the loopback ones and
     `allowed_hosts` ('*': any). `cors_origins` are the web origins allowed to call it (default none).
-    `max_body` bounds a request body in bytes.
+    `max_body` bounds a request body in bytes. `reasoning_format` is the default for requests that do not
+    say: "deepseek" puts <think> text into reasoning_content, "none" leaves it in the content.
     """
     require_packages()
     import anyio
@@ -224,6 +229,8 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException
 
+    if reasoning_format not in REASONING_FORMATS:
+        raise MarcoError(f"reasoning format must be one of {', '.join(REASONING_FORMATS)}")
     model_id = name or model.name
     lock = asyncio.Lock()  # one generation at a time; the others wait their turn
     created = int(time.time())
@@ -279,10 +286,18 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
         messages: list[Message] = Field(min_length=1)
         max_completion_tokens: int | None = Field(None, ge=1)
         tools: list[dict[str, Any]] | None = None
+        tool_choice: str | dict[str, Any] | None = None
+        parallel_tool_calls: bool = True
+        response_format: dict[str, Any] | None = None
+        logprobs: bool = False
+        top_logprobs: int | None = Field(None, ge=0, le=20)
+        reasoning_format: str | None = None
         chat_template_kwargs: dict[str, Any] | None = None
 
     class CompletionRequest(SamplingFields):
         prompt: str | list[int]
+        logprobs: int | None = Field(None, ge=0, le=20)
+        response_format: dict[str, Any] | None = None
         best_of: int | None = None  # unimplemented unless 1
         echo: bool | None = None  # unimplemented unless false
         suffix: str | None = None  # unimplemented unless empty
@@ -366,11 +381,12 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
             try:
                 if await request.is_disconnected():  # gave up while queued
                     return
-                yield f"data: {json.dumps(chunk(None, None, first=True))}\n\n"
+                yield sse(chunk(None, None, first=True))
                 while (piece := await anyio.to_thread.run_sync(next, pieces, None)) is not None:
                     if await request.is_disconnected():
                         return
-                    yield f"data: {json.dumps(chunk(piece, None))}\n\n"
+                    if data := sse(chunk(piece, None)):  # nothing while a tag may be starting
+                        yield data
             except MarcoError as exc:
                 yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'invalid_request_error'}})}\n\n"
                 return
@@ -378,16 +394,23 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
                 pieces.close()
                 _log(rid, stream.completion)
             c = stream.completion
-            yield f"data: {json.dumps(chunk(None, c.finish_reason))}\n\n"
+            yield sse(chunk(None, c.finish_reason))
             if include_usage:
-                yield f"data: {json.dumps(chunk(None, None, usage=usage(c)))}\n\n"
+                yield sse(chunk(None, None, usage=usage(c)))
         yield "data: [DONE]\n\n"
 
-    async def generate(req: SamplingFields, ids: list[int], sampling: Sampling, kind: str, request: Request) -> Any:
+    def sse(chunks: list[dict]) -> str:
+        return "".join(f"data: {json.dumps(c, ensure_ascii=False)}\n\n" for c in chunks)
+
+    async def generate(req: SamplingFields, ids: list[int], sampling: Sampling, kind: str, request: Request,
+                       plan: ChatPlan | None = None, offset: int = 0) -> Any:
+        """Run one generation. Chat replies are split by `plan` (reasoning_content, tool_calls); `offset` is the
+        prompt's length in characters (where completions' logprobs text_offset starts)."""
         rid, now = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": now,
                 "model": model_id}
         stream = model.stream(ids, sampling)
+        want_logprobs = sampling.logprobs is not None
         if not req.stream:
             # the generation runs in one worker-thread call; a watcher cancels it if the client leaves,
             # queued or generating (else the queue waits for a reply nobody reads, up to a full context)
@@ -398,19 +421,54 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
             finally:
                 watcher.cancel()
                 _log(rid, stream.completion)
-            choice = {"index": 0, "finish_reason": c.finish_reason, "logprobs": None}
-            choice |= {"message": {"role": "assistant", "content": c.text}} if kind == "chat" else {"text": c.text}
+            if kind == "chat":
+                reply = (plan or ChatPlan("")).reply(c, stream.logprobs)
+                logprobs = chat_logprobs(stream.logprobs, model.vocab.piece) if want_logprobs else None
+                choice = {"index": 0, "finish_reason": reply.finish_reason, "logprobs": logprobs,
+                          "message": reply.message()}
+            else:
+                logprobs = text_logprobs(stream.logprobs, model.vocab.piece, offset) if want_logprobs else None
+                choice = {"index": 0, "finish_reason": c.finish_reason, "logprobs": logprobs, "text": c.text}
             return base | {"choices": [choice], "usage": usage(c)}
 
-        def chunk(piece: str | None, finish: str | None, first: bool = False, usage: dict | None = None) -> dict:
-            if usage is not None:
-                return base | {"object": base["object"] + ".chunk" if kind == "chat" else base["object"],
-                               "choices": [], "usage": usage}
+        parser = (plan or ChatPlan("")).parser()
+        sent = {"logprobs": 0, "offset": offset}
+
+        def new_logprobs() -> dict | None:
+            """The log-probabilities of the tokens generated since the last chunk that carried some."""
+            if not want_logprobs:
+                return None
+            entries = stream.logprobs[sent["logprobs"]:]
+            sent["logprobs"] = len(stream.logprobs)
             if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if first else {"content": piece} if piece else {}
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-                return base | {"object": "chat.completion.chunk", "choices": [choice]}
-            return base | {"choices": [{"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}]}
+                return chat_logprobs(entries, model.vocab.piece)
+            out = text_logprobs(entries, model.vocab.piece, sent["offset"])
+            sent["offset"] += sum(len(t) for t in out["tokens"])
+            return out
+
+        def chunk(piece: str | None, finish: str | None, first: bool = False, usage: dict | None = None) -> list[dict]:
+            """The chunks for a piece of text (none while the parser holds it back), the finish or the usage."""
+            if usage is not None:
+                return [base | {"object": base["object"] + ".chunk" if kind == "chat" else base["object"],
+                                "choices": [], "usage": usage}]
+            if kind != "chat":
+                return [base | {"choices": [{"index": 0, "text": piece or "", "finish_reason": finish,
+                                             "logprobs": new_logprobs()}]}]
+            if first:
+                deltas = [{"role": "assistant", "content": ""}]
+            else:
+                deltas = [_delta(d) for d in (parser.feed(piece) if piece else parser.finish() if finish else [])]
+            if finish:
+                deltas.append({})
+                finish = "tool_calls" if parser.calls and finish == "stop" else finish
+            chunks = [base | {"object": "chat.completion.chunk",
+                              "choices": [{"index": 0, "delta": d, "finish_reason": None, "logprobs": None}]}
+                      for d in deltas]
+            if chunks and not first:
+                chunks[0]["choices"][0]["logprobs"] = new_logprobs()
+            if finish:
+                chunks[-1]["choices"][0]["finish_reason"] = finish
+            return chunks
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return StreamingResponse(events(stream, chunk, include_usage, request, rid), media_type="text/event-stream")
@@ -433,18 +491,29 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
         if refused := refuse_unsupported(req):
             return refused
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        for m, given in zip(messages, req.messages, strict=True):
+            if "content" in given.model_fields_set and given.content is None:
+                m["content"] = None  # OpenAI's assistant turn of tool calls: the template sees "" (BRIEF fact 9)
         kwargs = default_template_kwargs | (req.chat_template_kwargs or {})
         if reserved := sorted({"messages", "tools", "add_generation_prompt"} & kwargs.keys()):
             raise MarcoError(f"chat_template_kwargs cannot set {', '.join(reserved)} (the request does)")
-        ids = model.tokenize(model.render(messages, tools=req.tools, **kwargs), special=True)
-        return await generate(req, prompt_ids(ids), req.sampling(req.max_completion_tokens), "chat", request)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise MarcoError("top_logprobs needs logprobs: true")
+        plan = model.plan_chat(messages, req.tools, req.tool_choice, req.parallel_tool_calls, req.response_format,
+                               req.reasoning_format or reasoning_format, kwargs)
+        sampling = req.sampling(req.max_completion_tokens).replace(
+            grammar=plan.grammar, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        ids = model.tokenize(plan.prompt, special=True)
+        return await generate(req, prompt_ids(ids), sampling, "chat", request, plan)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
         if refused := refuse_unsupported(req):
             return refused
         ids = model.tokenize(req.prompt, special=True) if isinstance(req.prompt, str) else list(req.prompt)
-        return await generate(req, prompt_ids(ids), req.sampling(), "text", request)
+        sampling = req.sampling().replace(grammar=response_format_grammar(req.response_format), logprobs=req.logprobs)
+        offset = len(req.prompt) if isinstance(req.prompt, str) else len(model.detokenize(prompt_ids(ids)))
+        return await generate(req, prompt_ids(ids), sampling, "text", request, offset=offset)
 
     @app.post("/tokenize")
     def tokenize(req: TokenizeRequest) -> dict:
@@ -461,6 +530,16 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
         return {"content": model.detokenize(req.tokens)}
 
     return app
+
+
+def _delta(d: Delta) -> dict[str, Any]:
+    """A parsed piece of a reply as an OpenAI chat.completion.chunk delta."""
+    if d.kind == "tool_call":
+        return {"tool_calls": [{"index": d.index, "id": d.id, "type": "function",
+                                "function": {"name": d.name, "arguments": ""}}]}
+    if d.kind == "arguments":
+        return {"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]}
+    return {"reasoning_content" if d.kind == "reasoning" else "content": d.text}
 
 
 def _piece_json(piece: bytes) -> str | list[int]:

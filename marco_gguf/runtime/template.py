@@ -119,12 +119,27 @@ def plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+def _object_arguments(call: Any, i: int) -> Any:
+    """A tool call with its arguments as an object (parsed from a JSON string; a clear error if it is not JSON)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        args = json.loads(fn["arguments"])
+    except ValueError as exc:
+        raise MarcoError(f"messages[{i}]: tool call arguments are not valid JSON ({exc})") from None
+    return {**call, "function": {**fn, "arguments": args}}
+
+
 def normalize_messages(messages: Any) -> list[dict]:
-    """Messages as transformers hands them to the template: dicts, None values dropped, reasoning aliased."""
+    """Messages as transformers hands them to the template: dicts, None values dropped, reasoning aliased;
+    content null (OpenAI's way to send an assistant turn of tool calls) becomes "" first (BRIEF fact 9)."""
     out = []
     for message in plain(list(messages)):
         if not isinstance(message, dict):
             raise MarcoError(f"a chat message must be an object with a role, got {message!r}")
+        if "content" in message and message["content"] is None:  # OpenAI's assistant turn with only tool calls
+            message["content"] = ""  # as llama-server does: Qwen3's template (and transformers) fail on a missing one
         message = {k: v for k, v in message.items() if v is not None}
         reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
         if reasoning is not None:
@@ -133,18 +148,69 @@ def normalize_messages(messages: Any) -> list[dict]:
     return out
 
 
+PROBE = "marco-probe-7f3a"
+
+
+def _text_parts(content: list, where: str) -> str:
+    """A list of text parts as one string, joined by newlines as llama-server joins them."""
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+            raise MarcoError(f"{where}: only text content parts ({{'type': 'text', 'text': ...}}) are supported")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 class ChatTemplate:
-    """A jinja chat template plus the special-token variables it may use."""
+    """A jinja chat template plus the special-token variables it may use.
+
+    OpenAI clients send what not every template takes; as llama-server does, the template is probed once:
+    content given as a list of text parts is joined into one string unless the template reads such lists
+    itself, and tool-call arguments given as a JSON string are parsed into an object when the template
+    writes objects (Qwen3's does `arguments | tojson`: the prompt then reads as in training).
+    """
 
     def __init__(self, source: str, special_tokens: Mapping[str, str] | None = None):
         self.source = source
         self.special_tokens = dict(special_tokens or {})
         self._template = _compile(source)
 
+    def _probe(self, messages: list[dict], needle: str) -> bool:
+        try:
+            return needle in self._template.render(messages=messages, tools=None, documents=None,
+                                                   add_generation_prompt=True, **self.special_tokens)
+        except Exception:  # noqa: BLE001 (a template refusing the probe simply lacks the feature)
+            return False
+
+    @functools.cached_property
+    def typed_content(self) -> bool:
+        """Whether the template renders content given as a list of {"type": "text", "text": ...} parts."""
+        return self._probe([{"role": "user", "content": [{"type": "text", "text": PROBE}]}], PROBE)
+
+    @functools.cached_property
+    def object_arguments(self) -> bool:
+        """Whether the template writes tool-call arguments given as an object."""
+        call = {"id": "call_0", "type": "function", "function": {"name": "f", "arguments": {PROBE: 1}}}
+        return self._probe([{"role": "user", "content": "x"},
+                            {"role": "assistant", "content": "", "tool_calls": [call]},
+                            {"role": "tool", "tool_call_id": "call_0", "content": "y"}], PROBE)
+
+    def adapt(self, messages: list[dict]) -> list[dict]:
+        """Normalised messages in the forms this template takes (text-part lists, string arguments)."""
+        out = []
+        for i, message in enumerate(messages):
+            message = dict(message)
+            if isinstance(message.get("content"), list) and not self.typed_content:
+                message["content"] = _text_parts(message["content"], f"messages[{i}].content")
+            if isinstance(message.get("tool_calls"), list) and self.object_arguments:
+                message["tool_calls"] = [_object_arguments(c, i) for c in message["tool_calls"]]
+            out.append(message)
+        return out
+
     def render(self, messages: Any, tools: list[dict] | None = None, documents: list[dict] | None = None,
                add_generation_prompt: bool = False, **kwargs: Any) -> str:
         """The prompt for `messages` (OpenAI-style dicts); extra kwargs (enable_thinking, ...) go to the template."""
-        messages = normalize_messages(messages)
+        messages = self.adapt(normalize_messages(messages))
         if not messages:
             raise MarcoError("cannot apply the chat template to an empty conversation")
         if tools is not None and not all(isinstance(t, Mapping) for t in tools):
