@@ -204,6 +204,8 @@ async def cancel_on_disconnect(receive: Any, stream: TokenStream) -> None:
 
 
 def _log(rid: str, c: Completion | None) -> None:
+    """One INFO line per generation on the marco_gguf.server logger, for an operator who turns it on: how each
+    request ended ("cancelled": its client left) and what it cost. None: it never started."""
     if c is not None:
         log.info("%s: %d prompt tokens (%d evaluated), %d generated, finish %s", rid, c.prompt_tokens,
                  c.prompt_evaluated, c.completion_tokens, c.finish_reason)
