@@ -32,9 +32,9 @@ GGML_BASE_SYMBOLS = (
 # symbols called in libggml (placement.py, rpc.py) and libllama (through llama_cpp's own bindings)
 GGML_SYMBOLS = (
     "ggml_backend_reg_count", "ggml_backend_reg_get", "ggml_backend_reg_name", "ggml_backend_reg_by_name",
-    "ggml_backend_reg_get_proc_address", "ggml_backend_dev_count", "ggml_backend_dev_get",
+    "ggml_backend_reg_get_proc_address", "ggml_backend_register", "ggml_backend_dev_count", "ggml_backend_dev_get",
     "ggml_backend_dev_by_type", "ggml_backend_dev_name", "ggml_backend_dev_description", "ggml_backend_dev_type",
-    "ggml_backend_dev_memory", "ggml_backend_dev_buffer_type",
+    "ggml_backend_dev_memory", "ggml_backend_dev_buffer_type", "ggml_backend_dev_backend_reg",
 )
 LLAMA_FUNCTIONS = (
     "llama_model_default_params", "llama_model_load_from_file", "llama_model_free", "llama_model_get_vocab",

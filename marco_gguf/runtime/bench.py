@@ -4,7 +4,6 @@ the memory-bandwidth bound of generation (bytes read per token / bytes per secon
 from __future__ import annotations
 
 import ctypes
-import os
 import random
 import resource
 import statistics
@@ -21,7 +20,8 @@ import numpy as np
 from marco_gguf.errors import MarcoError
 from marco_gguf.host import default_threads
 from marco_gguf.memory import Footprint
-from marco_gguf.runtime.placement import cpu_overrides, expert_patterns
+from marco_gguf.runtime.placement import apply_params, cpu_overrides, expert_patterns
+from marco_gguf.runtime.rpc import model_devices
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Settings:
     experts_on_cpu: bool = False
     n_cpu_moe: int = 0
     flash_attn: bool = False  # as load_model's default; llama-bench: -fa 0
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC workers (HOST:PORT); their layers: all, unless n_gpu_layers says
 
 
 @dataclass
@@ -121,7 +122,8 @@ def checked(rate: float | None, done: Any) -> float:
 
 def placement_kwargs(s: Settings) -> dict:
     """Expert placement for load_model, passed only when asked for."""
-    return {k: v for k, v in (("experts_on_cpu", s.experts_on_cpu), ("n_cpu_moe", s.n_cpu_moe)) if v}
+    return {k: v for k, v in (("experts_on_cpu", s.experts_on_cpu), ("n_cpu_moe", s.n_cpu_moe),
+                              ("rpc", list(s.rpc))) if v}
 
 
 def raw_runner(path: Path, s: Settings) -> Runner:
@@ -136,8 +138,8 @@ def raw_runner(path: Path, s: Settings) -> Runner:
     mparams = ll.llama_model_default_params()
     mparams.n_gpu_layers = s.n_gpu_layers
     overrides = cpu_overrides(expert_patterns(s.experts_on_cpu, s.n_cpu_moe))
-    if overrides is not None:
-        mparams.tensor_buft_overrides = ctypes.addressof(overrides)
+    devices = model_devices() if s.rpc else None
+    apply_params(mparams, overrides, devices)
     t0 = time.perf_counter()
     model = ll.llama_model_load_from_file(str(path).encode(), mparams)
     if not model:
@@ -239,7 +241,11 @@ def run_bench(path: Path | str, s: Settings) -> dict:
     if s.n_prompt < 1 or s.n_gen < 1 or s.repetitions < 1:
         raise MarcoError("-p, -n and --repetitions must be at least 1")
     threads = s.threads or default_threads()
-    s = Settings(**{**asdict(s), "threads": threads})
+    if s.rpc:  # registered before either copy loads; both then offload to the workers
+        from marco_gguf.runtime.rpc import add_workers
+
+        add_workers(list(s.rpc))
+    s = Settings(**{**asdict(s), "threads": threads, "n_gpu_layers": s.n_gpu_layers or (-1 if s.rpc else 0)})
     footprint = Footprint.of(path)
     runners = [api_runner(path, s)]
     rss = peak_rss()  # the API's model loaded, before the second copy for the raw loop

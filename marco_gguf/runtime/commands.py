@@ -30,6 +30,9 @@ ExpertsOnCpu = Annotated[bool, typer.Option("--experts-on-cpu", help="Keep the e
                                           "the rest on the GPU (with --gpu-layers).", rich_help_panel=LOAD)]
 NCpuMoe = Annotated[int, typer.Option("--n-cpu-moe", help="Keep the expert weights of the first N layers in host "
                                       "memory.", rich_help_panel=LOAD)]
+Rpc = Annotated[str | None, typer.Option("--rpc", help="llama.cpp RPC workers HOST:PORT[,HOST:PORT] (`marco-gguf "
+                                        "rpc-server` on each); the layers are split across them (all unless "
+                                        "--gpu-layers says).", rich_help_panel=LOAD)]
 FlashAttn = Annotated[bool, typer.Option("--flash-attn", "-fa", help="Use flash attention.", rich_help_panel=LOAD)]
 KvType = Annotated[str, typer.Option("--kv-type", help=f"KV-cache type: {', '.join(KV_TYPES)} "
                                      "(q8_0/q4_0 need --flash-attn).", rich_help_panel=LOAD)]
@@ -56,10 +59,13 @@ Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.
 
 def _load(path: Path, ctx: int | None, threads: int | None, gpu_layers: int = 0, flash_attn: bool = False,
           kv_type: str = "f16", mmap: bool = True, mlock: bool = False, template: Path | None = None,
-          vocab_only: bool = False, experts_on_cpu: bool = False, n_cpu_moe: int = 0) -> MarcoModel:
+          vocab_only: bool = False, experts_on_cpu: bool = False, n_cpu_moe: int = 0,
+          rpc: str | None = None) -> MarcoModel:
+    from marco_gguf.runtime.rpc import parse_endpoints
+
     model = load_model(path, n_ctx=ctx, threads=threads, n_gpu_layers=gpu_layers, flash_attn=flash_attn,
                        kv_type=kv_type, mmap=mmap, mlock=mlock, vocab_only=vocab_only,
-                       experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
+                       experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=parse_endpoints(rpc))
     if template is not None:
         model.set_chat_template(template.read_text(encoding="utf-8"))
     return model
@@ -92,7 +98,7 @@ def chat(
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="Longest reply in tokens "
                                                    "(default: until the end of the turn).")] = None,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
-    experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0,
+    experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0, rpc: Rpc = None,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
     chat_template_kwargs: TemplateKwargs = None,
     temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
@@ -103,7 +109,7 @@ def chat(
 
     kwargs = _template_kwargs(chat_template_kwargs)
     model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
-                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
+                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc)
     model.render([{"role": "user", "content": "hi"}], **kwargs)  # no template: fail now, not at the first message
     session = ChatSession(model, system, _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy,
                                                    max_tokens), kwargs, tools=_read_json(tools, "--tools", list))
@@ -139,7 +145,7 @@ def run(
     json_schema: Annotated[Path | None, typer.Option("--json-schema", help="JSON schema file: the output is JSON "
                                                      "that validates against it (constrained decoding).")] = None,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
-    experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0,
+    experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0, rpc: Rpc = None,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
     chat_template_kwargs: TemplateKwargs = None,
     temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
@@ -153,7 +159,7 @@ def run(
     kwargs = _template_kwargs(chat_template_kwargs)
     schema = _read_json(json_schema, "--json-schema", dict)
     model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
-                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
+                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc)
     sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy, max_tokens)
     text = model.render([{"role": "user", "content": prompt}], **kwargs) if as_chat else prompt
     stream = model.stream(text, sampling, json_schema=schema)
@@ -280,7 +286,7 @@ def serve(
         "--reasoning-format", help="deepseek: a reply's <think> text goes to reasoning_content (llama-server's "
         "default); none: it stays in the content. Requests may choose with reasoning_format.")] = "deepseek",
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
-    experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0,
+    experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0, rpc: Rpc = None,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
     chat_template_kwargs: TemplateKwargs = None,
     temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
@@ -296,7 +302,7 @@ def serve(
         raise MarcoError(f"--reasoning-format must be one of {', '.join(REASONING_FORMATS)}")
     with server.bind(host, port) as sock:  # before the (slow) load: a port in use fails at once
         model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
-                      experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe)
+                      experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc)
         model.sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, False, None)
         app = server.create_app(model, name, api_key, kwargs, host=host, allowed_hosts=allowed_hosts,
                                 cors_origins=cors_origin, max_body=int(max_body * (1 << 20)),

@@ -19,7 +19,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.
 @command("build-runtime")
 def build_runtime(
     profile: Annotated[str, typer.Option("--profile", help="Build profile: a cmake/NAME.cmake file "
-                                         "(cpu, cpu-avx2, cpu-avx512, cuda, vulkan, metal, linux-arm64).")],
+                                         "(portable, cpu-avx2, cpu, cpu-avx512, cuda, vulkan, metal, linux-arm64).")],
     defines: Annotated[list[str] | None, typer.Option("-D", help="Extra CMake setting NAME=VALUE (repeatable), "
                                                       "e.g. -D GGML_AVX512=ON.")] = None,
     cuda_arch: Annotated[str | None, typer.Option("--cuda-arch", help="CUDA compute capability to build for, "
@@ -81,6 +81,14 @@ def show_report(r: dict) -> None:
     gpus = ", ".join(f"{g['name']} (compute {g['compute_cap']})" for g in host["nvidia"]) or "none"
     console.print(f"[bold]this machine[/]: {host['system']} {host['machine']}, NVIDIA GPUs: {gpus}, "
                   f"Vulkan: {'yes' if host['vulkan'] else 'no'}", highlight=False)
+    k = r["kernels"]
+    console.print(f"[bold]CPU kernels built in[/]: {' '.join(k['built_with']) or 'none reported'}", highlight=False)
+    if k["runs_here"]:
+        answer = {True: "yes", False: "no", None: "?"}
+        tried = ", ".join(f"{name} {answer[ok]}" for name, ok in k["runs_here"].items())
+        console.print(f"  instruction sets this CPU runs (executed in a child process): {tried}", highlight=False)
+    for note in k["notes"]:
+        console.print(f"  [yellow]note:[/] {note}", highlight=False)
     if probe["ok"]:
         console.print(f"[green]prompt processing works[/]: {probe['tokens']} tokens in {probe['seconds']:.2f} s "
                       "on a tiny model (in a child process)")
@@ -94,6 +102,8 @@ def show_report(r: dict) -> None:
         console.print(f"[bold]{verb}[/] ({advice['reason']}):")
         console.print(f"  {advice['command']}", markup=False, highlight=False)
         console.print(f"  or: {advice['pip']}", markup=False, highlight=False, soft_wrap=True)
+        if advice.get("measured_gain"):
+            console.print(f"  what it gains: {advice['measured_gain']}", highlight=False, soft_wrap=True)
     else:
         console.print("the installed build fits this machine")
 
@@ -125,6 +135,8 @@ def bench(
     = False,
     n_cpu_moe: Annotated[int, typer.Option("--n-cpu-moe", help="Keep the experts of the first N layers in host "
                                            "memory.")] = 0,
+    rpc: Annotated[str | None, typer.Option("--rpc", help="llama.cpp RPC workers HOST:PORT[,HOST:PORT] "
+                                            "(`marco-gguf rpc-server`); layers go to them.")] = None,
     as_json: Json = False,
 ) -> None:
     """Tokens/s of the Python API against llama.cpp's raw decode loop, and against the memory-bandwidth bound."""
@@ -132,7 +144,10 @@ def bench(
 
     if threads is not None and threads < 1:
         raise MarcoError("--threads must be at least 1")
-    settings = Settings(n_prompt, n_gen, repetitions, threads, n_gpu_layers, experts_on_cpu, n_cpu_moe)
+    from marco_gguf.runtime.rpc import parse_endpoints
+
+    settings = Settings(n_prompt, n_gen, repetitions, threads, n_gpu_layers, experts_on_cpu, n_cpu_moe,
+                        rpc=tuple(parse_endpoints(rpc)))
     with err.status("benchmarking: the Python API, then llama.cpp's decode loop"):
         result = run_bench(model, settings)
     if as_json:
@@ -158,3 +173,45 @@ def show_bench(r: dict) -> None:
         console.print(f"generation reads {format_bytes(r['host_bytes_per_token'])} of host memory per token: "
                       f"bound {r['tg_bound']:.1f} tokens/s; the API reaches {100 * of['api']:.0f}%, "
                       f"llama.cpp {100 * of['llama_cpp']:.0f}%")
+
+
+@command("rpc-server")
+def rpc_server(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. The RPC protocol has no "
+                                      "authentication: anything but loopback lets anyone who reaches it "
+                                      "run code on this machine's llama.cpp.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 50052,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: all cores).")] = None,
+    cache: Annotated[Path | None, typer.Option("--cache", help="Keep received tensors in this folder, so a "
+                                               "client loading the same model again sends hashes, not weights.")]
+    = None,
+) -> None:
+    """Offer this machine's CPU to other machines' llama.cpp (its RPC backend): they pass --rpc HOST:PORT."""
+    import threading
+
+    from marco_gguf.host import default_threads
+    from marco_gguf.runtime.rpc import is_loopback_host, serve_worker
+
+    if not 0 < port < 65536:
+        raise typer.BadParameter(f"--port must be in 1..65535, got {port}")
+    if not is_loopback_host(host):
+        err.print(f"[bold yellow]warning:[/] listening on {host}: the RPC protocol has no authentication or "
+                  "encryption; anyone who can reach this port can use this machine. Use it on a trusted network "
+                  "only.", highlight=False)
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            serve_worker(host, port, threads or default_threads(), str(cache) if cache else None)
+        except BaseException as exc:  # noqa: BLE001 (handed to the main thread, which reports it)
+            failure.append(exc)
+
+    # ggml's server loop never returns to Python: run it in a thread so Ctrl-C still ends the process
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    err.print(f"RPC worker on {host}:{port}, {threads or default_threads()} threads; clients use --rpc "
+              f"{host}:{port}. Ctrl-C stops.", highlight=False)
+    while worker.is_alive():
+        worker.join(0.5)
+    if failure:
+        raise failure[0]

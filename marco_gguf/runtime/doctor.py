@@ -16,9 +16,17 @@ from pathlib import Path
 from marco_gguf.errors import MarcoError
 from marco_gguf.memory import Footprint, compute_bytes
 from marco_gguf.runtime.build import build_command
+from marco_gguf.runtime.isa import is_x86, usable
 from marco_gguf.runtime.placement import backends, devices
 
 CPU_PROFILE_LEVELS = ("cpu-avx2", "cpu", "cpu-avx512")
+# /proc/cpuinfo flag -> the instruction set isa.py tries
+ISA_NAMES = {"amx_int8": "amx", "amx_tile": "amx"}
+# what a rebuild gained where it was measured (BENCHMARKS.md, "Build profiles"): shown with the advice
+MEASURED_GAIN = {
+    "cpu-avx512": "measured on an AMD EPYC (Zen 4), 4-layer Marco-Nano-shaped Q4_K_M, 1 thread: prompt "
+                  "processing about +9 %, generation unchanged (bound by memory)",
+}
 PROBE_CODE = """
 import json, sys, time
 from llama_cpp import Llama
@@ -58,12 +66,18 @@ class Host:
     vulkan: bool = False
     memory_total: int | None = None
     memory_available: int | None = None
+    runs: dict[str, bool | None] = field(default_factory=dict)  # instruction sets tried in a child (isa.py)
 
     @classmethod
     def detect(cls) -> Host:
         total, available = memory()
         return cls(platform.system(), platform.machine().lower(), cpu_flags(), nvidia_gpus(), vulkan_present(),
-                   total, available)
+                   total, available, usable() if is_x86() else {})
+
+    def has(self, flag: str) -> bool:
+        """The CPU runs this instruction set: tried where isa.py can, else as advertised (/proc/cpuinfo)."""
+        tried = self.runs.get(ISA_NAMES.get(flag, flag))
+        return tried if tried is not None else flag in self.cpu_flags
 
 
 # the instruction-set flags that decide a llama.cpp build (x86 /proc/cpuinfo flags, ARM Features)
@@ -134,7 +148,7 @@ def best_profile(host: Host) -> Advice | None:
     """The build profile that uses this machine best: its GPU if it has one, else its widest CPU kernels."""
     flags = set(host.cpu_flags)
     x86 = host.machine in ("x86_64", "amd64")
-    avx512 = ["GGML_AVX512=ON"] if x86 and "avx512f" in flags else []
+    avx512 = ["GGML_AVX512=ON"] if x86 and host.has("avx512f") else []
     if host.system == "Darwin" and host.machine == "arm64":
         return Advice("metal", [], "Apple silicon: Metal GPU with unified memory")
     if host.nvidia:
@@ -153,11 +167,11 @@ def best_profile(host: Host) -> Advice | None:
         return Advice("linux-arm64", [], "64-bit ARM with the dot product")
     if not x86:
         return None
-    if {"avx512f", "avx512_vnni", "avx512_bf16", "avx512vbmi"} <= flags:
-        return Advice("cpu-avx512", [], "x86-64 with AVX-512 VNNI/BF16/VBMI (AMX left out)")
-    if "avx512f" in flags:
-        return Advice("cpu", [], "x86-64 with AVX-512")
-    if {"avx2", "fma", "f16c"} <= flags:
+    if all(host.has(f) for f in ("avx512f", "avx512_vnni", "avx512_bf16")) and "avx512vbmi" in flags:
+        return Advice("cpu-avx512", [], "x86-64 that runs AVX-512 VNNI/BF16/VBMI (AMX left out)")
+    if host.has("avx512f"):
+        return Advice("cpu", [], "x86-64 that runs AVX-512")
+    if host.has("avx2") and {"fma", "f16c"} <= flags:
         return Advice("cpu-avx2", [], "x86-64 with AVX2 (no AVX-512)")
     return None
 
@@ -180,8 +194,8 @@ def advise(host: Host, info: dict[str, dict[str, str]], registered: list[str], c
     if crashed:
         return best
     flags = set(host.cpu_flags)
-    if cpu.get("AVX512") == "1" and host.cpu_flags and "avx512f" not in flags:
-        return Advice("cpu-avx2", [], "the installed build uses AVX-512, which this CPU lacks")
+    if cpu.get("AVX512") == "1" and host.cpu_flags and not host.has("avx512f"):
+        return Advice("portable", [], "the installed build uses AVX-512, which this CPU does not run")
     gpu = {"metal": "MTL", "cuda": "CUDA", "vulkan": "Vulkan"}.get(best.profile)  # ggml's backend names
     if gpu:
         return None if gpu in registered else best
@@ -237,7 +251,7 @@ def explain_crash(probe: dict, info: dict[str, dict[str, str]], host: Host) -> s
         if cpu.get("AMX_INT8") == "1":
             return ("prompt processing dies with SIGILL: this llama.cpp was built with AMX kernels (a native "
                     "build on a Xeon that advertises AMX it cannot use, common in virtual machines)")
-        if cpu.get("AVX512") == "1" and "avx512f" not in host.cpu_flags:
+        if cpu.get("AVX512") == "1" and not host.has("avx512f"):
             return "prompt processing dies with SIGILL: this llama.cpp uses AVX-512, which this CPU lacks"
         return "prompt processing dies with SIGILL: this llama.cpp uses instructions this CPU lacks"
     return f"prompt processing failed ({probe.get('message')})"
@@ -280,6 +294,7 @@ def diagnose(model: Path | None = None, n_ctx: int = 4096) -> dict:
                       "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())},
         "host": asdict(host),
         "probe": probe,
+        "kernels": kernels(info, host),
     }
     if model is not None:
         fit = model_fit(Path(model), n_ctx, host, gpus)
@@ -291,9 +306,22 @@ def diagnose(model: Path | None = None, n_ctx: int = 4096) -> dict:
     report["advice"] = None
     if advice:
         command = build_command_for(advice)
-        report["advice"] = {**asdict(advice), "command": command[0], "pip": command[1]}
+        report["advice"] = {**asdict(advice), "command": command[0], "pip": command[1],
+                            "measured_gain": MEASURED_GAIN.get(advice.profile)}
     report["problems"] = problems
     return report
+
+
+def kernels(info: dict[str, dict[str, str]], host: Host) -> dict:
+    """The CPU kernels the installed llama.cpp was built with, and what this CPU advertises and runs."""
+    built = sorted(k for k, v in info.get("CPU", {}).items() if v == "1")
+    notes = []
+    if any(f in host.cpu_flags for f in ("amx_tile", "amx_int8")) and host.runs.get("amx") is False:
+        notes.append("the CPU advertises AMX but AMX instructions do not run here (a virtual machine?): "
+                     "a native or AMX build would die with SIGILL")
+    if "avx512f" in host.cpu_flags and host.runs.get("avx512f") is False:
+        notes.append("the CPU advertises AVX-512 but the OS does not run it")
+    return {"built_with": built, "advertised": host.cpu_flags, "runs_here": host.runs, "notes": notes}
 
 
 def build_command_for(advice: Advice) -> tuple[str, str]:

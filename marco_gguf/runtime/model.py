@@ -20,6 +20,7 @@ from gguf import Keys
 
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
+from marco_gguf.host import default_threads
 from marco_gguf.runtime.grammar import (
     forced_tool,
     json_schema_grammar,
@@ -410,22 +411,19 @@ def check_gguf(path: Path) -> dict[str, Any]:
     return meta
 
 
-def default_threads() -> int:
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
-
-
 def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None = None, n_gpu_layers: int = 0,
                logits_all: bool = False, kv_type: str = "f16", flash_attn: bool = False, mmap: bool = True,
                mlock: bool = False, n_batch: int = 512, vocab_only: bool = False, experts_on_cpu: bool = False,
-               n_cpu_moe: int = 0) -> MarcoModel:
+               n_cpu_moe: int = 0, rpc: list[str] | None = None) -> MarcoModel:
     """Load a Marco GGUF with llama.cpp.
 
     n_ctx defaults to min(4096, the trained context); a longer one than the model was trained for
     is a MarcoError. n_gpu_layers -1 offloads every layer (GPU builds); kv_type is the KV-cache
     type (q8_0/q4_0 need flash_attn); vocab_only loads just the tokenizer (for tokenize and templates).
     experts_on_cpu keeps every expert tensor in host memory while the rest goes to the GPU (llama.cpp's
-    --cpu-moe); n_cpu_moe N does that for the first N layers (--n-cpu-moe).
+    --cpu-moe); n_cpu_moe N does that for the first N layers (--n-cpu-moe). rpc lists llama.cpp RPC
+    workers (HOST:PORT, `marco-gguf rpc-server`): the offloaded layers are split across them, all of
+    them when n_gpu_layers is left at 0.
     """
     path = Path(path)
     meta = check_gguf(path)
@@ -455,13 +453,21 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
         raise MarcoError(f"llama-cpp-python is not usable ({exc}); see the README for the install command") from None
     # experts_on_cpu / n_cpu_moe: the expert tensors of all / the first N layers stay in host memory (placement.py)
     overrides = cpu_overrides(expert_patterns(experts_on_cpu, n_cpu_moe))
+    devices = None
+    if rpc:
+        from marco_gguf.runtime.rpc import add_workers, model_devices
+
+        add_workers(rpc)
+        devices = model_devices()
+        n_gpu_layers = n_gpu_layers or -1
     try:
-        with model_params_with(overrides):
+        with model_params_with(overrides, devices):
             llama = Llama(str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=threads,
                           n_threads_batch=threads, n_gpu_layers=n_gpu_layers, logits_all=logits_all,
                           type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], flash_attn=flash_attn,
                           use_mmap=mmap, use_mlock=mlock, verbose=False)
         llama.marco_buft_overrides = overrides  # llama.cpp keeps a pointer to the array: keep it alive
+        llama.marco_devices = devices
     except ValueError as exc:
         raise MarcoError(f"llama.cpp could not load {path.name}: {exc}") from None
     finally:

@@ -118,14 +118,23 @@ def cpu_overrides(patterns: list[str]) -> ctypes.Array | None:
     return array
 
 
+def apply_params(params: Any, overrides: ctypes.Array | None, devices: ctypes.Array | None) -> Any:
+    """llama_model_params with the tensor buffer-type overrides and the device list (NULL: llama.cpp's choice)."""
+    if overrides is not None:
+        params.tensor_buft_overrides = ctypes.addressof(overrides)
+    if devices is not None:
+        params.devices = ctypes.addressof(devices)
+    return params
+
+
 @contextlib.contextmanager
-def model_params_with(overrides: ctypes.Array | None) -> Iterator[None]:
-    """Within the block, llama_cpp.Llama(...) loads its model with these tensor buffer-type overrides.
+def model_params_with(overrides: ctypes.Array | None, devices: ctypes.Array | None = None) -> Iterator[None]:
+    """Within the block, llama_cpp.Llama(...) loads its model with these overrides and devices.
 
     llama_cpp.Llama builds its llama_model_params from llama_model_default_params() and sets every
-    field but tensor_buft_overrides, so the default params it starts from carry the overrides.
+    field but tensor_buft_overrides and devices, so the default params it starts from carry them.
     """
-    if overrides is None:
+    if overrides is None and devices is None:
         yield
         return
     import llama_cpp.llama_cpp as lib
@@ -133,9 +142,7 @@ def model_params_with(overrides: ctypes.Array | None) -> Iterator[None]:
     original = lib.llama_model_default_params
 
     def with_overrides() -> Any:
-        params = original()
-        params.tensor_buft_overrides = ctypes.addressof(overrides)
-        return params
+        return apply_params(original(), overrides, devices)
 
     lib.llama_model_default_params = with_overrides
     try:
