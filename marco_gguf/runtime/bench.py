@@ -3,7 +3,6 @@ the memory-bandwidth bound of generation (bytes read per token / bytes per secon
 
 from __future__ import annotations
 
-import ctypes
 import random
 import resource
 import statistics

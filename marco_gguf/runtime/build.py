@@ -1,4 +1,5 @@
-"""Build profiles for llama.cpp (marco_gguf/cmake/*.cmake, shipped in the wheel) and the pip command that rebuilds llama-cpp-python with one."""
+"""Build profiles for llama.cpp (marco_gguf/cmake/*.cmake, shipped in the wheel) and the pip command that
+rebuilds llama-cpp-python with one."""
 
 from __future__ import annotations
 
