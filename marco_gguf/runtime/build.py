@@ -41,7 +41,8 @@ def profiles() -> list[str]:
 def profile_path(name: str) -> Path:
     path = PROFILES_DIR / f"{name}.cmake"
     if not PROFILES_DIR.is_dir():
-        raise MarcoError(f"build profiles not found in {PROFILES_DIR} (they ship inside the marco-gguf package; reinstall it)")
+        raise MarcoError(f"build profiles not found in {PROFILES_DIR} (they ship inside the marco-gguf package; "
+                         "reinstall it)")
     if not path.is_file():
         raise MarcoError(f"unknown build profile {name!r}; choose from {', '.join(profiles())}")
     return path
