@@ -106,13 +106,17 @@ def main() -> int:
     info = llama_cpp.llama_print_system_info().decode().strip()
     print(f"{args.model.name}, {args.threads} thread(s), {args.rounds} interleaved rounds of "
           f"{args.repetitions} repetitions; installed: {info}")
-    print("| build | llama.cpp tg | API tg | tg ratio | llama.cpp pp | API pp | pp ratio |")
-    print("|---|---|---|---|---|---|---|")
-    base_tg, base_pp = median("installed", "llama_cpp", "tg"), median("installed", "llama_cpp", "pp")
+    # tokens per CPU second as well: with one thread it is the speed the build's kernels have, and it moves far
+    # less than wall-clock rates when other processes share the two cores
+    print("| build | llama.cpp tg | API tg | tg ratio | tg per CPU s | ratio | llama.cpp pp | pp ratio | "
+          "pp per CPU s | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    base = {k: median("installed", "llama_cpp", k) for k in ("tg", "pp", "tg_cpu", "pp_cpu")}
     for name in builds:
-        tg, pp = median(name, "llama_cpp", "tg"), median(name, "llama_cpp", "pp")
-        print(f"| {name} | {tg:.2f} | {median(name, 'api', 'tg'):.2f} | {tg / base_tg:.3f} | {pp:.1f} | "
-              f"{median(name, 'api', 'pp'):.1f} | {pp / base_pp:.3f} |")
+        m = {k: median(name, "llama_cpp", k) for k in base}
+        print(f"| {name} | {m['tg']:.2f} | {median(name, 'api', 'tg'):.2f} | {m['tg'] / base['tg']:.3f} | "
+              f"{m['tg_cpu']:.2f} | {m['tg_cpu'] / base['tg_cpu']:.3f} | {m['pp']:.1f} | {m['pp'] / base['pp']:.3f} | "
+              f"{m['pp_cpu']:.1f} | {m['pp_cpu'] / base['pp_cpu']:.3f} |")
     print("all runs (llama.cpp tg): " + "; ".join(
         f"{name} " + ", ".join(f"{res['llama_cpp']['tg']:.2f}" for res in results[name]) for name in builds))
     return 0
