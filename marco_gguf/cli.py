@@ -30,6 +30,18 @@ MaxSize = Annotated[str | None, typer.Option("--max-size", help="Re-choose types
 FitRam = Annotated[str | None, typer.Option("--fit-ram", help="Re-choose types so file + KV cache for --ctx + "
                                             "llama.cpp's buffers fit this RAM, e.g. 6GB.")]
 Ctx = Annotated[int, typer.Option("--ctx", help="Context length --fit-ram plans the KV cache for.")]
+LoraScales = Annotated[list[float] | None, typer.Option(
+    "--lora-scale", help="Strength of the --lora adapters: once for all, or once per --lora in order (default 1).")]
+
+
+def lora_pairs(paths: list[Path] | None, scales: list[float] | None) -> list[tuple[Path, float]]:
+    """--lora and --lora-scale paired: one scale for every adapter, or one per adapter in order."""
+    paths, scales = paths or [], scales or []
+    if scales and not paths:
+        raise typer.BadParameter("--lora-scale needs a --lora")
+    if len(scales) not in (0, 1, len(paths)):
+        raise typer.BadParameter(f"give one --lora-scale, or one per --lora ({len(paths)}), not {len(scales)}")
+    return [(p, scales[i] if len(scales) > 1 else scales[0] if scales else 1.0) for i, p in enumerate(paths)]
 
 
 def _recipe(preset_name: str | None, recipe_file: Path | None, tensor_types: list[str] | None,
@@ -105,12 +117,18 @@ def convert(
     max_size: MaxSize = None,
     fit_ram: FitRam = None,
     ctx: Ctx = 4096,
+    lora: Annotated[list[Path] | None, typer.Option(
+        "--lora", help="PEFT LoRA adapter folder to merge into the weights while converting; repeatable.")] = None,
+    lora_scale: LoraScales = None,
     threads: Threads = None,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
     """Convert a Marco checkpoint folder to GGUF in one streaming pass, quantizing on the way with --quant."""
+    from rich.markup import escape
+
     from marco_gguf.convert import convert as run_convert
+    from marco_gguf.ui import err
 
     if outtype and (quant or recipe_file):
         raise typer.BadParameter("give either --outtype or --quant/--recipe, not both")
@@ -118,9 +136,13 @@ def convert(
         raise typer.BadParameter(f"--outtype must be one of {', '.join(OUTTYPES)}")
     recipe = _recipe(quant, recipe_file, tensor_type, default=outtype)
     budget = _budget(max_size, fit_ram, ctx)
+    loras = lora_pairs(lora, lora_scale)
     result = run_convert(src, out, recipe, threads=threads, force=force, imatrix=_load_imatrix(imatrix),
-                         progress=not as_json, budget=budget, on_plan=None if as_json else _print_plan)
-    _report(out, result.recipe, result.jobs, as_json, size_label=result.size_label)
+                         progress=not as_json, budget=budget, on_plan=None if as_json else _print_plan, loras=loras)
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    merged = {"merged": ", ".join(f"{p.name} x{s:g}" for p, s in loras)} if loras else {}
+    _report(out, result.recipe, result.jobs, as_json, size_label=result.size_label, **merged)
 
 
 @command()

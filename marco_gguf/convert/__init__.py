@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from marco_gguf.convert.checkpoint import Checkpoint, resolve_source
+from marco_gguf.convert.lora import LORA_KEY, LoraSpec, MergedRows, plan_merge
 from marco_gguf.convert.metadata import model_metadata
-from marco_gguf.convert.plan import plan_tensors
+from marco_gguf.convert.plan import hf_weights, plan_tensors
 from marco_gguf.convert.registry import HParams, find_architecture
 from marco_gguf.convert.vocab import load_vocab
 from marco_gguf.host import default_threads
@@ -32,6 +33,8 @@ class Result:
     jobs: list[TensorJob]
     size_label: str
     recipe: Recipe
+    loras: list[str] = field(default_factory=list)  # what was merged: one JSON object per adapter
+    warnings: list[str] = field(default_factory=list)  # for the caller to show; the library prints nothing
 
     @property
     def nbytes(self) -> int:
@@ -40,21 +43,30 @@ class Result:
 
 def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: int | None = None, force: bool = False,
             imatrix: dict[str, np.ndarray] | None = None, progress: bool = True, budget: Budget | None = None,
-            on_plan: Callable[[Recipe, list[ClassInfo]], None] | None = None) -> Result:
+            on_plan: Callable[[Recipe, list[ClassInfo]], None] | None = None,
+            loras: Sequence[LoraSpec | str | Path | tuple[str | Path, float]] = ()) -> Result:
     """Convert (and quantize, per `recipe`) a checkpoint folder into a GGUF file at `out`.
 
     Without a recipe every matrix keeps the checkpoint's own float type. With a `budget`, the recipe's
-    class types are re-chosen to fit it; `on_plan` sees the plan first.
+    class types are re-chosen to fit it; `on_plan` sees the plan first. `loras` (adapter folders, or
+    (folder, scale) pairs) are merged into the weights in the same pass, before quantization; a file
+    without them is byte-identical to one converted before adapters existed.
     """
     ckpt = Checkpoint.open(resolve_source(str(src)))
+    merge = None
     try:
         arch = find_architecture(ckpt.config)
         hp = arch.read_hparams(ckpt.config)
         vocab = load_vocab(ckpt.path, hp.vocab_size, arch.pre_tokenizer)
         meta = model_metadata(ckpt.path, hp, ckpt.config)
         recipe = recipe or uniform(OWN_TYPE.get(str(hp.dtype), "BF16"))
+        planned = plan_tensors(arch, hp, ckpt)
+        if loras:
+            merge = plan_merge([_spec(x) for x in loras], hf_weights(arch, hp), hp.tied)
+            planned = merge.wrap(planned)
+        lora_meta = merge.metadata() if merge else []
         jobs = [TensorJob(p.name, p.shape, p.source, recipe.type_for(p.name, p.shape, hp.n_layer, hp.tied))
-                for p in plan_tensors(arch, hp, ckpt)]
+                for p in planned]
         if imatrix is not None:
             attach_imatrix(jobs, imatrix)
 
@@ -63,6 +75,8 @@ def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: i
             meta.set_gguf_meta_model(w)
             arch.write_hparams(w, hp)
             vocab.write(w)
+            if lora_meta:
+                w.add_array(LORA_KEY, lora_meta)
 
         if budget is not None:
             kv = kv_cache_bytes(budget.ctx, hp.n_layer, hp.n_head_kv, hp.head_dim, hp.head_dim)
@@ -71,8 +85,21 @@ def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: i
                                             hp.n_layer, hp.tied, hp.n_expert, hp.n_expert_used)
             if on_plan is not None:
                 on_plan(recipe, classes)
+            for job in jobs:  # the planner sampled rows: start the merged sources' row counts afresh
+                if isinstance(job.source, MergedRows):
+                    job.source.release()
         write_model_file(Path(out), header, jobs, arch.gguf_arch_name, recipe, threads or default_threads(), force,
                          imatrix, progress)
-        return Result(Path(out), hp, jobs, meta.size_label, recipe)
+        return Result(Path(out), hp, jobs, meta.size_label, recipe, lora_meta, merge.warnings if merge else [])
     finally:
+        if merge is not None:
+            merge.close()
         ckpt.close()
+
+
+def _spec(x: LoraSpec | str | Path | tuple[str | Path, float]) -> LoraSpec:
+    if isinstance(x, LoraSpec):
+        return x
+    if isinstance(x, tuple):
+        return LoraSpec(Path(x[0]), float(x[1]))
+    return LoraSpec(Path(x))

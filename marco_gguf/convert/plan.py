@@ -130,6 +130,59 @@ def _expert_tensors(hp: HParams, bid: int, take) -> list[tuple[MT, tuple[int, ..
     return out
 
 
+@dataclass(frozen=True)
+class Part:
+    """Rows of one Hugging Face weight that land in one matrix of a GGUF tensor."""
+
+    gguf_name: str
+    matrix: int  # which matrix of the GGUF tensor (the expert; 0 for a 2-D tensor)
+    hf_matrix: int  # which matrix of the Hugging Face weight (the expert of a fused 3-D weight; else 0)
+    offset: int  # first row within that Hugging Face matrix
+    n_rows: int
+
+
+@dataclass(frozen=True)
+class HFWeight:
+    """A Hugging Face weight as [matrices, rows, cols] (1-D weights are one row) and where its rows go."""
+
+    shape: tuple[int, int, int]
+    parts: tuple[Part, ...]
+
+
+def hf_weights(arch: Architecture, hp: HParams) -> dict[str, HFWeight]:
+    """Every weight name a checkpoint of this model may use, in both expert layouts, mapped onto GGUF rows.
+
+    The converter reads one layout; an adapter may have been trained on the other (PEFT's fused
+    `target_parameters` or per-expert Linear modules), so adapters are resolved through this map.
+    """
+    out: dict[str, HFWeight] = {}
+
+    def name(target: MT, bid: int | None) -> str:
+        return gguf.TENSOR_NAMES[target].format(bid=bid) + ".weight"
+
+    for bid in [None, *range(hp.n_layer)]:
+        for rule in arch.tensors:
+            if ("{bid}" in rule.hf_name) != (bid is not None) or (rule.target == MT.OUTPUT and hp.tied):
+                continue
+            shape = rule.shape(hp)
+            rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+            part = Part(name(rule.target, bid), 0, 0, 0, rows)
+            out[rule.hf_name.format(bid=bid)] = HFWeight((1, rows, cols), (part,))
+        if bid is None:
+            continue
+        E, I, H = hp.n_expert, hp.n_ff_exp, hp.n_embd
+        prefix = f"model.layers.{bid}.mlp.experts"
+        gate, up, down = name(MT.FFN_GATE_EXP, bid), name(MT.FFN_UP_EXP, bid), name(MT.FFN_DOWN_EXP, bid)
+        out[f"{prefix}.gate_up_proj"] = HFWeight((E, 2 * I, H), tuple(
+            p for e in range(E) for p in (Part(gate, e, e, 0, I), Part(up, e, e, I, I))))
+        out[f"{prefix}.down_proj"] = HFWeight((E, H, I), tuple(Part(down, e, e, 0, H) for e in range(E)))
+        for e in range(E):
+            out[f"{prefix}.{e}.gate_proj.weight"] = HFWeight((1, I, H), (Part(gate, e, 0, 0, I),))
+            out[f"{prefix}.{e}.up_proj.weight"] = HFWeight((1, I, H), (Part(up, e, 0, 0, I),))
+            out[f"{prefix}.{e}.down_proj.weight"] = HFWeight((1, H, I), (Part(down, e, 0, 0, H),))
+    return out
+
+
 def _unknown_tensor_message(names: list[str]) -> str:
     first = names[0]
     if any(n.endswith(".bias") for n in names):

@@ -1,0 +1,277 @@
+"""LoRA adapters made by PEFT on the test fixtures, merged while converting, against PEFT's own merge.
+
+The reference is PEFT's `merge_and_unload` on the f32 model the fixture checkpoint was saved from;
+llama.cpp runs the merged f32 GGUF. Adapters are initialised at random (`init_lora_weights=False`,
+so B is not zero): every delta changes the weights as much as training would, and a merge that
+missed or misplaced one would change the logits far beyond the tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import copy_checkpoint
+from test_convert import F32_BOUND, compare
+
+from marco_gguf.convert import convert
+from marco_gguf.convert.lora import LORA_KEY, LoraSpec
+from marco_gguf.errors import MarcoError
+from marco_gguf.gguf_file import GGUFFile
+from marco_gguf.quantize.from_gguf import quantize_file
+from marco_gguf.quantize.recipe import preset, uniform
+
+peft = pytest.importorskip("peft")
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+FUSED_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def make_adapter(model, folder: Path, seed: int, perturb_saved: bool = True, **config):
+    """Save a random PEFT LoRA adapter for `model`; returns PEFT's merged model (the reference)."""
+    torch.manual_seed(seed)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(init_lora_weights=False, **config))
+    if perturb_saved:  # modules_to_save start as copies of the base: make them differ, as training would
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if ".modules_to_save." in name:
+                    p.add_(0.1 * torch.randn_like(p))
+    peft_model.save_pretrained(str(folder), save_embedding_layers=False)
+    return peft_model.merge_and_unload().eval()
+
+
+@pytest.fixture(scope="module")
+def some_prompts(one_prompt_per_language):
+    return one_prompt_per_language[::5]  # 7 languages: enough positions to see every expert used
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lora")
+
+
+@pytest.fixture(scope="module")
+def attention_adapter(tiny_model, lora_dir):
+    """Attention only, with per-module rank and alpha patterns."""
+    folder = lora_dir / "attention"
+    merged = make_adapter(tiny_model, folder, 1, r=4, lora_alpha=8, target_modules=ATTENTION,
+                          rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 3})
+    return folder, merged
+
+
+@pytest.fixture(scope="module")
+def full_adapter(tiny_model, lora_dir):
+    """Attention, the router (a 2-D ParamWrapper) and the fused experts (3-D ParamWrappers), rsLoRA, and a
+    norm in modules_to_save."""
+    folder = lora_dir / "full"
+    merged = make_adapter(tiny_model, folder, 2, r=4, lora_alpha=16, use_rslora=True, target_modules=ATTENTION,
+                          target_parameters=["mlp.gate.weight", *FUSED_EXPERTS],
+                          modules_to_save=["post_attention_layernorm"])
+    return folder, merged
+
+
+def test_attention_adapter_equals_peft_merge(tiny_model, tiny_ckpt, attention_adapter, tmp_path, hf_tokenizer,
+                                              some_prompts, one_torch_thread):
+    folder, merged = attention_adapter
+    out = tmp_path / "merged-f32.gguf"
+    result = convert(tiny_ckpt, out, uniform("F32"), progress=False, loras=[folder])
+    top1, worst, _ = compare(merged, out, hf_tokenizer, some_prompts)
+    assert top1 == 1.0 and worst < F32_BOUND, (top1, worst)
+    recorded = [json.loads(x) for x in GGUFFile(out).get(LORA_KEY)]
+    assert [(r["name"], r["scale"], r["r"]) for r in recorded] == [("attention", 1.0, 4)]
+    assert result.loras and not result.warnings
+    # the adapter matters: the base model is far from the merged one
+    _, base_worst, _ = compare(tiny_model, out, hf_tokenizer, some_prompts[:2])
+    assert base_worst > 100 * F32_BOUND
+
+
+@pytest.mark.parametrize("ckpt_fixture", ["tiny_ckpt", "fused_ckpt_from_tiny"])
+def test_attention_router_experts_adapter_equals_peft_merge(request, ckpt_fixture, full_adapter, tmp_path,
+                                                            hf_tokenizer, some_prompts, one_torch_thread):
+    """The fused-parameter adapter merges the same into a per-expert and a fused-expert checkpoint."""
+    folder, merged = full_adapter
+    out = tmp_path / "merged-f32.gguf"
+    convert(request.getfixturevalue(ckpt_fixture), out, uniform("F32"), progress=False, loras=[folder])
+    top1, worst, _ = compare(merged, out, hf_tokenizer, some_prompts)
+    assert top1 == 1.0 and worst < F32_BOUND, (top1, worst)
+
+
+@pytest.fixture(scope="module")
+def fused_ckpt_from_tiny(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model's weights as fused 3-D experts in bf16 (the same values as tiny_ckpt)."""
+    from conftest import save_fused
+
+    return save_fused(tiny_model, tmp_path_factory.mktemp("ckpt") / "Marco-Tiny-Fused-Tied", dtype=torch.bfloat16)
+
+
+class _Module(torch.nn.Module):
+    pass
+
+
+def per_expert_skeleton(model) -> torch.nn.Module:
+    """The older transformers layout (nn.Linear router, one nn.Linear per expert projection) holding the
+    model's weights: what adapters trained before transformers 5 target. Only PEFT's merge runs on it."""
+    cfg, H, I = model.config, model.config.hidden_size, model.config.moe_intermediate_size
+    root = _Module()
+    root.model = _Module()
+    root.model.layers = torch.nn.ModuleList()
+    for layer in model.model.layers:
+        mlp, skel = layer.mlp, _Module()
+        skel.self_attn = _Module()
+        skel.self_attn.q_proj = copy.deepcopy(layer.self_attn.q_proj)
+        skel.mlp = _Module()
+        skel.mlp.gate = torch.nn.Linear(H, cfg.num_experts, bias=False)
+        skel.mlp.gate.weight.data.copy_(mlp.gate.weight.data)
+        skel.mlp.experts = torch.nn.ModuleList()
+        for e in range(cfg.num_experts):
+            ex = _Module()
+            gate_up, down = mlp.experts.gate_up_proj[e], mlp.experts.down_proj[e]
+            for proj, w in (("gate_proj", gate_up[:I]), ("up_proj", gate_up[I:]), ("down_proj", down)):
+                lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+                lin.weight.data.copy_(w.data)
+                setattr(ex, proj, lin)
+            skel.mlp.experts.append(ex)
+        root.model.layers.append(skel)
+    return root
+
+
+def test_per_expert_linear_adapter_equals_peft_merge(tiny_model, tiny_ckpt, fused_ckpt_from_tiny, tmp_path,
+                                                     hf_tokenizer, some_prompts, one_torch_thread):
+    """An adapter on per-expert nn.Linear modules and an nn.Linear router (older layout), merged into
+    both checkpoint layouts, against PEFT's merge of those modules."""
+    folder = tmp_path / "per-expert"
+    torch.manual_seed(3)
+    skeleton = peft.get_peft_model(per_expert_skeleton(tiny_model), peft.LoraConfig(
+        init_lora_weights=False, r=2, lora_alpha=4, target_modules=["q_proj", "gate", "gate_proj", "up_proj",
+                                                                   "down_proj"], alpha_pattern={"down_proj": 6}))
+    skeleton.save_pretrained(str(folder))
+    merged_skeleton = skeleton.merge_and_unload()
+    merged = copy.deepcopy(tiny_model)
+    I = merged.config.moe_intermediate_size
+    with torch.no_grad():
+        for layer, skel in zip(merged.model.layers, merged_skeleton.model.layers, strict=True):
+            layer.self_attn.q_proj.weight.copy_(skel.self_attn.q_proj.weight)
+            layer.mlp.gate.weight.copy_(skel.mlp.gate.weight)
+            for e, ex in enumerate(skel.mlp.experts):
+                layer.mlp.experts.gate_up_proj[e, :I] = ex.gate_proj.weight
+                layer.mlp.experts.gate_up_proj[e, I:] = ex.up_proj.weight
+                layer.mlp.experts.down_proj[e] = ex.down_proj.weight
+    for ckpt in (tiny_ckpt, fused_ckpt_from_tiny):
+        out = tmp_path / f"{ckpt.name}.gguf"
+        convert(ckpt, out, uniform("F32"), progress=False, loras=[folder])
+        top1, worst, _ = compare(merged, out, hf_tokenizer, some_prompts)
+        assert top1 == 1.0 and worst < F32_BOUND, (ckpt.name, top1, worst)
+
+
+def test_two_adapters_and_scale_merge_in_order(tiny_model, tiny_ckpt, attention_adapter, full_adapter, tmp_path,
+                                               hf_tokenizer, some_prompts, one_torch_thread):
+    """Two adapters, the first at half strength: PEFT's merge of both with the first one's deltas halved."""
+    out = tmp_path / "two.gguf"
+    convert(tiny_ckpt, out, uniform("F32"), progress=False,
+            loras=[LoraSpec(attention_adapter[0], 0.5), full_adapter[0]])
+    reference = copy.deepcopy(full_adapter[1])
+    base, half = dict(tiny_model.named_parameters()), dict(attention_adapter[1].named_parameters())
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "self_attn" in name and "norm" not in name:
+                p.add_(0.5 * (half[name] - base[name]))
+    top1, worst, _ = compare(reference, out, hf_tokenizer, some_prompts)
+    assert top1 == 1.0 and worst < F32_BOUND, (top1, worst)
+
+
+def test_quantized_merge_equals_quantizing_the_merged_file(tiny_ckpt, full_adapter, tmp_path):
+    """Merge-while-quantizing writes the same bytes as quantizing the merged f32 file afterwards."""
+    folder, _ = full_adapter
+    merged_f32, direct, after = tmp_path / "m-f32.gguf", tmp_path / "direct.gguf", tmp_path / "after.gguf"
+    convert(tiny_ckpt, merged_f32, uniform("F32"), progress=False, loras=[folder])
+    convert(tiny_ckpt, direct, preset("Q4_K_M"), progress=False, loras=[folder], threads=2)
+    quantize_file(merged_f32, after, preset("Q4_K_M"), threads=2, progress=False)
+    a, b = GGUFFile(direct), GGUFFile(after)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for t in a.tensors:
+        ref = b.tensor(t.name)
+        assert t.type == ref.type and np.array_equal(a.data(t), b.data(ref)), t.name
+    assert a.get(LORA_KEY) == b.get(LORA_KEY)
+
+
+def test_without_adapters_the_file_is_unchanged(tiny_ckpt, tiny_bf16, tmp_path):
+    """`loras=[]` takes the old path: the same bytes as the session's plain conversion."""
+    out = tmp_path / "same.gguf"
+    convert(tiny_ckpt, out, uniform("BF16"), progress=False, loras=[])
+    assert out.read_bytes() == tiny_bf16.read_bytes()
+
+
+# ---- bad adapters: one clear MarcoError, before anything is written -------------------------------------
+
+
+def edit_adapter_config(src: Path, dst: Path, **changes) -> Path:
+    dst = copy_checkpoint(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text()) | changes
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """A model of another width: its adapters do not fit the fixture."""
+    from conftest import build_model
+
+    return build_model(seed=5, hidden_size=128, head_dim=32, vocab_size=151936)
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("dora", "DoRA"),
+    ("ia3", "PEFT IA3 adapter"),
+    ("pissa", "pissa"),
+    ("shape", "do not fit"),
+    ("tied", "ties"),
+    ("missing", "no adapter_model.safetensors"),
+    ("truncated", "truncated"),
+])
+def test_bad_adapter_is_refused_and_leaves_nothing(case, fragment, tiny_model, small_model, tiny_ckpt,
+                                                   attention_adapter, tmp_path):
+    folder = tmp_path / case
+    if case == "dora":
+        make_adapter(tiny_model, folder, 4, r=2, target_modules=["q_proj"], use_dora=True)
+    elif case == "ia3":
+        folder = edit_adapter_config(attention_adapter[0], folder, peft_type="IA3")
+    elif case == "pissa":
+        folder = edit_adapter_config(attention_adapter[0], folder, init_lora_weights="pissa")
+    elif case == "shape":
+        make_adapter(small_model, folder, 4, r=2, target_modules=["q_proj"])
+    elif case == "tied":
+        make_adapter(tiny_model, folder, 4, r=2, target_modules=["lm_head"])
+    elif case == "missing":
+        folder = copy_checkpoint(attention_adapter[0], folder)
+        (folder / "adapter_model.safetensors").unlink()
+    elif case == "truncated":
+        folder = copy_checkpoint(attention_adapter[0], folder)
+        data = (folder / "adapter_model.safetensors").read_bytes()
+        (folder / "adapter_model.safetensors").write_bytes(data[:-100])
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    with pytest.raises(MarcoError, match=fragment) as info:
+        convert(tiny_ckpt, out, uniform("F32"), progress=False, loras=[folder])
+    assert "\n" not in str(info.value)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_cli_merges_and_refuses_in_one_line(tiny_ckpt, attention_adapter, tmp_path):
+    """`convert --lora DIR --lora-scale S` records the adapter; a DoRA config is one error line, no file."""
+    from test_convert_errors import assert_one_line_error, run
+
+    out = tmp_path / "cli.gguf"
+    result = run("convert", str(tiny_ckpt), "-o", str(out), "--outtype", "f32", "--lora", str(attention_adapter[0]),
+                 "--lora-scale", "0.5", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["merged"] == "attention x0.5"
+    assert json.loads(GGUFFile(out).get(LORA_KEY)[0])["scale"] == 0.5
+    bad = edit_adapter_config(attention_adapter[0], tmp_path / "dora", use_dora=True)
+    out2 = tmp_path / "bad.gguf"
+    assert_one_line_error(run("convert", str(tiny_ckpt), "-o", str(out2), "--lora", str(bad)), "DoRA", out=out2)
+    assert_one_line_error(run("convert", str(tiny_ckpt), "-o", str(out2), "--lora", str(bad), "--lora-scale", "1",
+                              "--lora-scale", "2"), "--lora-scale", out=out2)
