@@ -34,16 +34,6 @@ LoraScales = Annotated[list[float] | None, typer.Option(
     "--lora-scale", help="Strength of the --lora adapters: once for all, or once per --lora in order (default 1).")]
 
 
-def lora_pairs(paths: list[Path] | None, scales: list[float] | None) -> list[tuple[Path, float]]:
-    """--lora and --lora-scale paired: one scale for every adapter, or one per adapter in order."""
-    paths, scales = paths or [], scales or []
-    if scales and not paths:
-        raise typer.BadParameter("--lora-scale needs a --lora")
-    if len(scales) not in (0, 1, len(paths)):
-        raise typer.BadParameter(f"give one --lora-scale, or one per --lora ({len(paths)}), not {len(scales)}")
-    return [(p, scales[i] if len(scales) > 1 else scales[0] if scales else 1.0) for i, p in enumerate(paths)]
-
-
 def _recipe(preset_name: str | None, recipe_file: Path | None, tensor_types: list[str] | None,
             default: str | None = None):
     """The recipe the options describe: a preset or a TOML table, plus --tensor-type overrides."""
@@ -128,6 +118,7 @@ def convert(
     from rich.markup import escape
 
     from marco_gguf.convert import convert as run_convert
+    from marco_gguf.convert.lora import pair_scales
     from marco_gguf.ui import err
 
     if outtype and (quant or recipe_file):
@@ -136,13 +127,35 @@ def convert(
         raise typer.BadParameter(f"--outtype must be one of {', '.join(OUTTYPES)}")
     recipe = _recipe(quant, recipe_file, tensor_type, default=outtype)
     budget = _budget(max_size, fit_ram, ctx)
-    loras = lora_pairs(lora, lora_scale)
+    loras = pair_scales(lora, lora_scale)
     result = run_convert(src, out, recipe, threads=threads, force=force, imatrix=_load_imatrix(imatrix),
                          progress=not as_json, budget=budget, on_plan=None if as_json else _print_plan, loras=loras)
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     merged = {"merged": ", ".join(f"{p.name} x{s:g}" for p, s in loras)} if loras else {}
     _report(out, result.recipe, result.jobs, as_json, size_label=result.size_label, **merged)
+
+
+@command("export-lora")
+def export_lora(
+    adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter folder (adapter_config.json, "
+                                            "adapter_model.safetensors).")],
+    base: Annotated[str, typer.Option("--base", help="The model it adapts: its checkpoint folder or GGUF file.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="LoRA adapter GGUF to write.")],
+    outtype: Annotated[str, typer.Option(help="Type of the adapter tensors: f32 or f16.")] = "f32",
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Write llama.cpp's LoRA adapter GGUF, for chat/run/serve --lora (llama.cpp adapts experts too)."""
+    from marco_gguf.convert.lora_export import export_lora as run_export
+
+    result = run_export(adapter, base, out, outtype, force)
+    summary = {"output": str(out), "bytes": out.stat().st_size, "tensors": result.tensors}
+    if as_json:
+        print_json(summary)
+    else:
+        console.print(f"wrote {out} ({format_bytes(summary['bytes'])}, LoRA on {result.tensors} tensors); "
+                      f"use it with: marco-gguf chat MODEL.gguf --lora {out}")
 
 
 @command()

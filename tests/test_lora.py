@@ -275,3 +275,75 @@ def test_cli_merges_and_refuses_in_one_line(tiny_ckpt, attention_adapter, tmp_pa
     assert_one_line_error(run("convert", str(tiny_ckpt), "-o", str(out2), "--lora", str(bad)), "DoRA", out=out2)
     assert_one_line_error(run("convert", str(tiny_ckpt), "-o", str(out2), "--lora", str(bad), "--lora-scale", "1",
                               "--lora-scale", "2"), "--lora-scale", out=out2)
+
+
+# ---- run-time adapters: llama.cpp's LoRA GGUF ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runtime_adapter(tiny_model, lora_dir):
+    """Attention, router and fused experts, per-module patterns and rsLoRA: all of it adaptable at run time."""
+    folder = lora_dir / "runtime"
+    make_adapter(tiny_model, folder, 6, r=4, lora_alpha=8, use_rslora=True, target_modules=ATTENTION,
+                 target_parameters=["mlp.gate.weight", *FUSED_EXPERTS], rank_pattern={"down_proj": 2})
+    return folder
+
+
+def logits_of(path: Path, ids_list: list[list[int]], lora=None) -> list[np.ndarray]:
+    from marco_gguf.runtime.model import load_model
+
+    llm = load_model(path, n_ctx=64, threads=2, logits_all=True, kv_type="f32", lora=lora)
+    return [llm.logits(ids) for ids in ids_list]
+
+
+@pytest.mark.parametrize("base_is_gguf", [False, True])
+def test_runtime_adapter_changes_the_output_as_the_merged_file_does(base_is_gguf, tiny_ckpt, tiny_f32,
+                                                                   runtime_adapter, tmp_path, hf_tokenizer,
+                                                                   some_prompts):
+    """export-lora's file on the base f32 GGUF gives the merged f32 GGUF's logits, experts included, at any scale."""
+    from marco_gguf.convert.lora_export import export_lora
+
+    adapter = tmp_path / "adapter.gguf"
+    result = export_lora(runtime_adapter, tiny_f32 if base_is_gguf else tiny_ckpt, adapter)
+    names = {t.name for t in GGUFFile(adapter).tensors}
+    assert "blk.0.ffn_gate_exps.weight.lora_a" in names and "blk.2.ffn_down_exps.weight.lora_b" in names
+    assert result.tensors == 3 * (4 + 1 + 3)
+    ids = [hf_tokenizer(p["text"])["input_ids"][:24] for p in some_prompts[:4]]
+    base = logits_of(tiny_f32, ids)
+    for scale in (1.0, 0.5):
+        merged_path = tmp_path / f"merged-{scale}.gguf"
+        convert(tiny_ckpt, merged_path, uniform("F32"), progress=False, loras=[(runtime_adapter, scale)])
+        merged = logits_of(merged_path, ids)
+        runtime = logits_of(tiny_f32, ids, lora=[(adapter, scale)])
+        for m, r, b in zip(merged, runtime, base, strict=True):
+            assert (m.argmax(-1) == r.argmax(-1)).all()
+            assert np.abs(m - r).max() < F32_BOUND, np.abs(m - r).max()  # measured: 5e-6
+            assert np.abs(m - b).max() > 0.1  # the adapter matters
+
+
+def test_export_refuses_what_llama_cpp_cannot_apply_at_run_time(tiny_ckpt, full_adapter, tmp_path):
+    """modules_to_save (a norm saved whole) cannot be a run-time adapter: the error points to merging."""
+    from marco_gguf.convert.lora_export import export_lora
+
+    out = tmp_path / "a.gguf"
+    with pytest.raises(MarcoError, match="modules_to_save.*convert BASE --lora") as info:
+        export_lora(full_adapter[0], tiny_ckpt, out)
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_then_run_with_lora_equals_the_merged_file(tiny_ckpt, tiny_f32, runtime_adapter, tmp_path):
+    """`export-lora` + `run --lora FILE --lora-scale S` generates the greedy tokens of the merged file;
+    a PEFT folder given to `run --lora` is one error line that says what to do."""
+    from test_convert_errors import assert_one_line_error, run
+
+    adapter, merged = tmp_path / "adapter.gguf", tmp_path / "merged.gguf"
+    assert run("export-lora", str(runtime_adapter), "--base", str(tiny_ckpt), "-o", str(adapter)).exit_code == 0
+    convert(tiny_ckpt, merged, uniform("F32"), progress=False, loras=[(runtime_adapter, 0.7)])
+    args = ["-p", "Marco speaks", "-n", "12", "--greedy", "--json", "--kv-type", "f32", "--threads", "2"]
+    with_lora = run("run", str(tiny_f32), *args, "--lora", str(adapter), "--lora-scale", "0.7")
+    assert with_lora.exit_code == 0, with_lora.output
+    texts = [json.loads(r.stdout)["text"] for r in (with_lora, run("run", str(merged), *args),
+                                                    run("run", str(tiny_f32), *args))]
+    assert texts[0] == texts[1] != texts[2]
+    assert_one_line_error(run("run", str(tiny_f32), *args, "--lora", str(runtime_adapter)), "export-lora")

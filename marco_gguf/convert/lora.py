@@ -62,6 +62,16 @@ class LoraSpec:
     scale: float = 1.0
 
 
+def pair_scales(paths: list[Path] | None, scales: list[float] | None) -> list[tuple[Path, float]]:
+    """--lora and --lora-scale paired: no scale (1), one scale for every adapter, or one per adapter in order."""
+    paths, scales = list(paths or []), list(scales or [])
+    if scales and not paths:
+        raise MarcoError("--lora-scale needs a --lora")
+    if len(scales) not in (0, 1, len(paths)):
+        raise MarcoError(f"give one --lora-scale, or one per --lora ({len(paths)}), not {len(scales)}")
+    return [(Path(p), scales[i] if len(scales) > 1 else scales[0] if scales else 1.0) for i, p in enumerate(paths)]
+
+
 @dataclass
 class Adapter:
     """An opened PEFT LoRA adapter folder: config, tensor directory, and an open file to read from."""

@@ -55,17 +55,25 @@ Seed = Annotated[int | None, typer.Option("--seed", "-s", help="Random seed, for
                                           rich_help_panel=SAMPLE)]
 Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy decoding (temperature 0).", rich_help_panel=SAMPLE)]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+Lora = Annotated[list[Path] | None, typer.Option("--lora", help="LoRA adapter GGUF applied at run time (`marco-gguf "
+                                                 "export-lora` makes one); repeatable.", rich_help_panel=LOAD)]
+LoraScale = Annotated[list[float] | None, typer.Option("--lora-scale", help="Strength of the --lora adapters: once "
+                                                       "for all, or once per --lora (default 1).",
+                                                       rich_help_panel=LOAD)]
 
 
 def _load(path: Path, ctx: int | None, threads: int | None, gpu_layers: int = 0, flash_attn: bool = False,
           kv_type: str = "f16", mmap: bool = True, mlock: bool = False, template: Path | None = None,
           vocab_only: bool = False, experts_on_cpu: bool = False, n_cpu_moe: int = 0,
-          rpc: str | None = None) -> MarcoModel:
+          rpc: str | None = None, lora: list[Path] | None = None,
+          lora_scale: list[float] | None = None) -> MarcoModel:
+    from marco_gguf.convert.lora import pair_scales
     from marco_gguf.runtime.rpc import parse_endpoints
 
     model = load_model(path, n_ctx=ctx, threads=threads, n_gpu_layers=gpu_layers, flash_attn=flash_attn,
                        kv_type=kv_type, mmap=mmap, mlock=mlock, vocab_only=vocab_only,
-                       experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=parse_endpoints(rpc))
+                       experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=parse_endpoints(rpc),
+                       lora=pair_scales(lora, lora_scale))
     if template is not None:
         model.set_chat_template(template.read_text(encoding="utf-8"))
     return model
@@ -99,6 +107,7 @@ def chat(
                                                    "(default: until the end of the turn).")] = None,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
     experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0, rpc: Rpc = None,
+    lora: Lora = None, lora_scale: LoraScale = None,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
     chat_template_kwargs: TemplateKwargs = None,
     temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
@@ -109,7 +118,7 @@ def chat(
 
     kwargs = _template_kwargs(chat_template_kwargs)
     model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
-                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc)
+                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora, lora_scale=lora_scale)
     model.render([{"role": "user", "content": "hi"}], **kwargs)  # no template: fail now, not at the first message
     session = ChatSession(model, system, _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy,
                                                    max_tokens), kwargs, tools=_read_json(tools, "--tools", list))
@@ -146,6 +155,7 @@ def run(
                                                      "that validates against it (constrained decoding).")] = None,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
     experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0, rpc: Rpc = None,
+    lora: Lora = None, lora_scale: LoraScale = None,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
     chat_template_kwargs: TemplateKwargs = None,
     temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
@@ -159,7 +169,7 @@ def run(
     kwargs = _template_kwargs(chat_template_kwargs)
     schema = _read_json(json_schema, "--json-schema", dict)
     model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
-                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc)
+                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora, lora_scale=lora_scale)
     sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy, max_tokens)
     text = model.render([{"role": "user", "content": prompt}], **kwargs) if as_chat else prompt
     stream = model.stream(text, sampling, json_schema=schema)
@@ -287,6 +297,7 @@ def serve(
         "default); none: it stays in the content. Requests may choose with reasoning_format.")] = "deepseek",
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
     experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0, rpc: Rpc = None,
+    lora: Lora = None, lora_scale: LoraScale = None,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
     chat_template_kwargs: TemplateKwargs = None,
     temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
@@ -302,7 +313,8 @@ def serve(
         raise MarcoError(f"--reasoning-format must be one of {', '.join(REASONING_FORMATS)}")
     with server.bind(host, port) as sock:  # before the (slow) load: a port in use fails at once
         model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
-                      experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc)
+                      experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora,
+                      lora_scale=lora_scale)
         model.sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, False, None)
         app = server.create_app(model, name, api_key, kwargs, host=host, allowed_hosts=allowed_hosts,
                                 cors_origins=cors_origin, max_body=int(max_body * (1 << 20)),

@@ -414,7 +414,8 @@ def check_gguf(path: Path) -> dict[str, Any]:
 def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None = None, n_gpu_layers: int = 0,
                logits_all: bool = False, kv_type: str = "f16", flash_attn: bool = False, mmap: bool = True,
                mlock: bool = False, n_batch: int = 512, vocab_only: bool = False, experts_on_cpu: bool = False,
-               n_cpu_moe: int = 0, rpc: list[str] | None = None) -> MarcoModel:
+               n_cpu_moe: int = 0, rpc: list[str] | None = None,
+               lora: list[tuple[Path | str, float]] | None = None) -> MarcoModel:
     """Load a Marco GGUF with llama.cpp.
 
     n_ctx defaults to min(4096, the trained context); a longer one than the model was trained for
@@ -423,7 +424,8 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
     experts_on_cpu keeps every expert tensor in host memory while the rest goes to the GPU (llama.cpp's
     --cpu-moe); n_cpu_moe N does that for the first N layers (--n-cpu-moe). rpc lists llama.cpp RPC
     workers (HOST:PORT, `marco-gguf rpc-server`): the offloaded layers are split across them, all of
-    them when n_gpu_layers is left at 0.
+    them when n_gpu_layers is left at 0. lora lists (adapter GGUF, scale) pairs applied at run time
+    (`marco-gguf export-lora` makes them; runtime/lora.py says why not Llama's lora_path).
     """
     path = Path(path)
     meta = check_gguf(path)
@@ -468,6 +470,10 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
                           use_mmap=mmap, use_mlock=mlock, verbose=False)
         llama.marco_buft_overrides = overrides  # llama.cpp keeps a pointer to the array: keep it alive
         llama.marco_devices = devices
+        if lora:
+            from marco_gguf.runtime.lora import attach_loras
+
+            llama.marco_loras = attach_loras(llama, [(Path(p), s) for p, s in lora], ARCHITECTURE)
     except ValueError as exc:
         raise MarcoError(f"llama.cpp could not load {path.name}: {exc}") from None
     finally:
