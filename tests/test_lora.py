@@ -347,3 +347,27 @@ def test_cli_export_then_run_with_lora_equals_the_merged_file(tiny_ckpt, tiny_f3
                                                     run("run", str(tiny_f32), *args))]
     assert texts[0] == texts[1] != texts[2]
     assert_one_line_error(run("run", str(tiny_f32), *args, "--lora", str(runtime_adapter)), "export-lora")
+
+
+def test_untied_embeddings_and_output_merge_and_run(untied_model, fused_ckpt, fused_f32, tmp_path, hf_tokenizer,
+                                                   some_prompts, one_torch_thread):
+    """Embedding LoRA on embed_tokens and LoRA on lm_head of an untied model (f16 fused checkpoint): merged
+    equals PEFT's merge, and the exported run-time adapter (token_embd's flipped pair) equals the merged file."""
+    from marco_gguf.convert.lora_export import export_lora
+
+    folder = tmp_path / "embed"
+    merged_model = make_adapter(untied_model, folder, 7, r=4, lora_alpha=4,
+                                target_modules=["embed_tokens", "lm_head", "q_proj"],
+                                target_parameters=["mlp.experts.down_proj"])
+    merged = tmp_path / "merged.gguf"
+    convert(fused_ckpt, merged, uniform("F32"), progress=False, loras=[folder])
+    top1, worst, _ = compare(merged_model, merged, hf_tokenizer, some_prompts)
+    assert top1 == 1.0 and worst < F32_BOUND, (top1, worst)
+    adapter = tmp_path / "embed.gguf"
+    export_lora(folder, fused_f32, adapter, outtype="f16")
+    names = {t.name for t in GGUFFile(adapter).tensors}
+    assert {"token_embd.weight.lora_a", "output.weight.lora_b", "blk.1.ffn_down_exps.weight.lora_a"} <= names
+    ids = [hf_tokenizer(p["text"])["input_ids"][:24] for p in some_prompts[:3]]
+    for m, r in zip(logits_of(merged, ids), logits_of(fused_f32, ids, lora=[(adapter, 1.0)]), strict=True):
+        assert (m.argmax(-1) == r.argmax(-1)).all()
+        assert np.abs(m - r).max() < 0.02, np.abs(m - r).max()  # f16 factors: measured 5e-3
