@@ -230,7 +230,9 @@ class MergedRows:
 
     def read(self, first_row: int, n_rows: int, out: np.ndarray | None = None) -> np.ndarray:
         m, local = divmod(first_row, self.rows_per_matrix)
-        rows = np.array(to_f32(self.base.read(first_row, n_rows), self.base.dtype), np.float32)
+        rows = to_f32(self.base.read(first_row, n_rows), self.base.dtype)  # a fresh array: add in place
+        if not rows.flags.writeable:
+            rows = rows.copy()
         for delta, part in self.ops.get(m, ()):
             r0 = part.offset + local
             if isinstance(delta, Replacement):
