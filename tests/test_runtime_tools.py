@@ -291,6 +291,8 @@ def test_logprobs_are_the_models_distribution(model, qwen3_gguf):
     ids = model.tokenize(model.render(ASK), special=True)
     stream = model.stream(ids, temperature=0.9, seed=5, max_tokens=6, logprobs=4)
     list(stream)
+    assert stream.completion.logprobs == stream.logprobs and len(stream.logprobs) == len(stream.tokens)
+    assert model.complete(ids, max_tokens=2).logprobs is None  # only when asked for
     ref_model = load_model(qwen3_gguf, n_ctx=1024, threads=1, kv_type="f32", logits_all=True)
     try:
         logits = ref_model.logits(ids + stream.tokens[:-1])[len(ids) - 1:].astype(np.float64)
@@ -460,6 +462,11 @@ def test_reasoning_content_with_a_template_that_opens_thinking(qwen3_gguf):
         deltas = [ch.choices[0].delta for ch in c.chat.completions.create(stream=True, **kwargs) if ch.choices]
         assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == raw.strip()
         assert not "".join(d.content or "" for d in deltas)
+        # a grammar writes the whole reply: the JSON is the content even though the prompt opened a block
+        schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
+        js = c.chat.completions.create(**kwargs | {"max_tokens": 96}, response_format=schema).choices[0].message
+        jsonschema.validate(json.loads(js.content), PERSON)
+        assert not (js.model_extra or {}).get("reasoning_content")
     finally:
         srv.should_exit = True
         thread.join(10)

@@ -24,6 +24,9 @@ import numpy as np
 from marco_gguf.errors import MarcoError
 from marco_gguf.runtime.sampling import Sampling
 
+# how the grammar-constrained picks went, for bench/grammar_speed.py: tokens picked, first picks the grammar
+# rejected, re-picks settled within a window of top candidates, re-picks that needed the whole vocabulary
+COUNTS = {"tokens": 0, "rejected": 0, "window": 0, "full": 0}
 TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 WINDOWS = (64, 4096)
 
@@ -132,7 +135,10 @@ def guided_tokens(llama: Any, vocab_ptr: Any, pending: list[int], s: Sampling, s
             else:
                 full.fill(all_ids, logits)
                 token = pick(full)
+            if grammar is not None:
+                COUNTS["tokens"] += 1
             if grammar is not None and not allowed(token, float(logits[token])):
+                COUNTS["rejected"] += 1
                 token = -1
                 for window in (WINDOWS if need else ()):
                     if window >= n_vocab:
@@ -145,8 +151,10 @@ def guided_tokens(llama: Any, vocab_ptr: Any, pending: list[int], s: Sampling, s
                     if len(survivors) >= need:
                         full.fill(survivors["id"], survivors["logit"], is_sorted=True)
                         token = pick(full)
+                        COUNTS["window"] += 1
                         break
                 if token < 0:
+                    COUNTS["full"] += 1
                     full.fill(all_ids, logits)
                     full.apply(grammar)
                     if not np.isfinite(full.view()["logit"]).any():

@@ -59,6 +59,7 @@ class Completion:
     prompt_evaluated: int  # prompt tokens actually computed (the rest came from the KV cache)
     prompt_seconds: float
     generation_seconds: float
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when asked for (sampling.logprobs)
 
     @property
     def prompt_tokens_per_second(self) -> float | None:
@@ -156,7 +157,8 @@ class TokenStream:
                     break
         finally:
             t_end = time.perf_counter()
-            self.completion = Completion(self.text, finish, len(ids), n, evaluated, t_first - t0, t_end - t_first)
+            self.completion = Completion(self.text, finish, len(ids), n, evaluated, t_first - t0, t_end - t_first,
+                                         self.logprobs if s.logprobs is not None else None)
 
     def wait(self) -> Completion:
         """Run the generation to its end and return the Completion."""
@@ -343,9 +345,10 @@ class MarcoModel:
             grammar = tool_call_grammar(tools or [], only=forced, parallel=parallel_tool_calls and not forced)
         prompt = self.render(messages, tools=tools or None, **(template_kwargs or {}))
         template = self.tool_template if tools and self.tool_template else self.template
+        # a grammar writes the whole reply (a call, or JSON): no thinking in it even when the prompt opened a block
         thinks = reasoning_format != "none" and template is not None and template_thinks(template.source)
         return ChatPlan(prompt, grammar, parse_tools=bool(tools) and tool_choice != "none", reasoning=thinks,
-                        starts_inside=thinks and prompt_opens_thinking(prompt),
+                        starts_inside=thinks and not grammar and prompt_opens_thinking(prompt),
                         max_calls=None if parallel_tool_calls and not forced else 1)
 
     def chat(self, messages: Any, tools: list[dict] | None = None, stream: bool = False,

@@ -289,9 +289,9 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
         max_completion_tokens: int | None = Field(None, ge=1)
         tools: list[dict[str, Any]] | None = None
         tool_choice: str | dict[str, Any] | None = None
-        parallel_tool_calls: bool = True
+        parallel_tool_calls: bool | None = None  # None: true, as OpenAI's default
         response_format: dict[str, Any] | None = None
-        logprobs: bool = False
+        logprobs: bool | None = None
         top_logprobs: int | None = Field(None, ge=0, le=20)
         reasoning_format: str | None = None
         chat_template_kwargs: dict[str, Any] | None = None
@@ -501,8 +501,8 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
             raise MarcoError(f"chat_template_kwargs cannot set {', '.join(reserved)} (the request does)")
         if req.top_logprobs is not None and not req.logprobs:
             raise MarcoError("top_logprobs needs logprobs: true")
-        plan = model.plan_chat(messages, req.tools, req.tool_choice, req.parallel_tool_calls, req.response_format,
-                               req.reasoning_format or reasoning_format, kwargs)
+        plan = model.plan_chat(messages, req.tools, req.tool_choice, req.parallel_tool_calls is not False,
+                               req.response_format, req.reasoning_format or reasoning_format, kwargs)
         sampling = req.sampling(req.max_completion_tokens).replace(
             grammar=plan.grammar, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         ids = model.tokenize(plan.prompt, special=True)

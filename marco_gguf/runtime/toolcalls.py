@@ -4,7 +4,9 @@ turned into OpenAI `tool_calls`, whole or incrementally while the reply streams.
 One parser serves both: the batch form feeds the whole text to the incremental one, so a streamed reply
 assembles into exactly what the non-streamed reply says. What the parser cannot read as a call (broken
 JSON, no name, a block the length limit cut off) stays in the content as the model wrote it: a client
-then sees the model's attempt instead of losing it or getting an error.
+then sees the model's attempt instead of losing it or getting an error. For the same reason a streamed call
+is announced (id and name, then its arguments as one fragment) only once its block has closed and parsed:
+a call is never announced that then proves broken.
 """
 
 from __future__ import annotations
