@@ -331,6 +331,19 @@ def test_chat_repl_shows_tool_calls(model):
     assert session.messages[-1]["tool_calls"] and session.messages[-1]["content"] is None
 
 
+def test_chat_command_takes_tools(qwen3_gguf, tmp_path):
+    """`chat --tools FILE` offers the tools (the template lists them); /tool without a call to answer says so."""
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    result = CliRunner().invoke(app, ["chat", str(qwen3_gguf), "--tools", str(tools), "-n", "4", "--greedy", "-t",
+                                      "1"], input="/tool 21 degrees\nWeather in Paris?\n")
+    assert result.exit_code == 0, result.output
+    assert "made no tool call to answer" in result.output
+    tools.write_text('{"not": "a list"}')
+    result = CliRunner().invoke(app, ["chat", str(qwen3_gguf), "--tools", str(tools)])
+    assert result.exit_code != 0 and "must hold a JSON list" in result.output
+
+
 def test_tool_grammar_is_one_call_unless_parallel():
     one, many = tool_call_grammar(TOOLS, parallel=False), tool_call_grammar(TOOLS, only="get_time")
     assert one.startswith('root ::= "<tool_call>\\n" tool-call-json "\\n</tool_call>"\n')

@@ -5,6 +5,8 @@ of endpoints defined inside create_app.)
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streamed as server-sent events with
 "stream": true), GET /v1/models and /health, and llama-server's POST /tokenize and /detokenize.
+Chat replies come in OpenAI's agent shapes: tool_calls (tool_choice, parallel_tool_calls),
+response_format JSON, reasoning_content (reasoning_format) and logprobs; see model.plan_chat.
 One model serves one request at a time: requests queue on a lock and are answered in turn, the
 generation itself runs in worker threads so the server stays responsive. A client that goes away
 (streaming or not) cancels its generation before the next decode step, so it cannot hold the
