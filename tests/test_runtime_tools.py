@@ -470,6 +470,8 @@ def test_reasoning_content_with_a_template_that_opens_thinking(qwen3_gguf):
         raw = m.complete(m.render(ASK), max_tokens=6, temperature=0).text
         split = c.chat.completions.create(**kwargs).choices[0].message
         assert split.model_extra["reasoning_content"] == raw.strip() and not split.content
+        auto = c.chat.completions.create(**kwargs, extra_body={"reasoning_format": "auto"}).choices[0].message
+        assert auto.model_extra["reasoning_content"] == split.model_extra["reasoning_content"]
         kept = c.chat.completions.create(**kwargs, extra_body={"reasoning_format": "none"}).choices[0].message
         assert kept.content == raw and "reasoning_content" not in (kept.model_extra or {})
         deltas = [ch.choices[0].delta for ch in c.chat.completions.create(stream=True, **kwargs) if ch.choices]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from marco_gguf.runtime.toolcalls import Delta, held_prefix
 
 OPEN, CLOSE = "<think>", "</think>"
-FORMATS = ("deepseek", "none")  # llama-server's reasoning_format values we honour ("auto" means deepseek)
+FORMATS = ("deepseek", "auto", "none")  # llama-server's reasoning_format values we honour ("auto": deepseek)
 
 
 def template_thinks(source: str | None) -> bool:
