@@ -19,7 +19,6 @@ faster opt-in profile (`cpu-avx512`: VNNI/BF16/VBMI) gain on this CPU (doctor's 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -27,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import LLAMA_CPP, OUT, REPO
+from common import LLAMA_CPP, OUT, REPO, marco_bench
 
 LIBS = ("libllama", "libggml", "libggml-base", "libggml-cpu", "libggml-rpc")
 
@@ -68,12 +67,7 @@ def run_bench(model: Path, root: Path | None, args) -> dict:
     if root is not None:
         env["PYTHONPATH"] = str(root)
         env["LD_LIBRARY_PATH"] = str(root / "llama_cpp" / "lib")
-    cmd = [sys.executable, "-m", "marco_gguf", "bench", str(model), "-t", str(args.threads), "-p", str(args.prompt),
-           "-n", str(args.gen), "-r", str(args.repetitions), "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench failed ({root}): {proc.stderr[-1000:]}")
-    return json.loads(proc.stdout)
+    return marco_bench(model, args.threads, args.prompt, args.gen, args.repetitions, env=env)
 
 
 def main() -> int:

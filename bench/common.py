@@ -106,3 +106,17 @@ def warm(path: Path) -> None:
         with open(file, "rb") as f:
             while f.read(64 << 20):
                 pass
+
+
+def marco_bench(model: Path, threads: int, prompt: int, gen: int, repetitions: int, extra: list[str] | None = None,
+                env: dict | None = None) -> dict:
+    """`marco-gguf bench MODEL --json` in a child process (its own llama.cpp state: RPC devices, a library
+    chosen by PYTHONPATH), as a dict."""
+    import sys
+
+    cmd = [sys.executable, "-m", "marco_gguf", "bench", str(model), "-t", str(threads), "-p", str(prompt),
+           "-n", str(gen), "-r", str(repetitions), "--json", *(extra or [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[3:])} failed: {proc.stderr[-1000:]}")
+    return json.loads(proc.stdout)

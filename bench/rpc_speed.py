@@ -12,7 +12,6 @@ runs the Python API and llama.cpp's decode loop; the counts take turns for --rou
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import statistics
 import subprocess
@@ -20,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO
+from common import REPO, marco_bench
 
 
 def free_port() -> int:
@@ -44,14 +43,8 @@ def start_worker(threads: int) -> tuple[subprocess.Popen, str]:
 
 
 def bench(model: Path, workers: list[str], args) -> dict:
-    cmd = [sys.executable, "-m", "marco_gguf", "bench", str(model), "-t", str(args.threads), "-p", str(args.prompt),
-           "-n", str(args.gen), "-r", str(args.repetitions), "--json"]
-    if workers:
-        cmd += ["--rpc", ",".join(workers)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench with {len(workers)} worker(s) failed: {proc.stderr[-1000:]}")
-    return json.loads(proc.stdout)
+    return marco_bench(model, args.threads, args.prompt, args.gen, args.repetitions,
+                       ["--rpc", ",".join(workers)] if workers else [])
 
 
 def main() -> int:
