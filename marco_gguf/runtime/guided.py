@@ -87,6 +87,96 @@ def _chain(lib: Any, s: Sampling, n_vocab: int, seed: int) -> Any:
     return chain
 
 
+class Picker:
+    """One sequence's token choice from its logits: greedy argmax or llama.cpp's sampler chain, a grammar applied
+    lazily (see the module docstring), each token's log-probabilities when asked. Separate from the decode loop
+    so that the parallel engine (engine.py) keeps one per sequence while it decodes them all in one batch.
+    Call close() to free its llama.cpp samplers."""
+
+    def __init__(self, vocab_ptr: Any, s: Sampling, seed: int, n_vocab: int,
+                 foreign_ends: np.ndarray | None = None):
+        import llama_cpp as lib
+
+        self.lib, self.s, self.n_vocab = lib, s, n_vocab
+        self.greedy = s.temperature <= 0
+        penalised = s.repeat_penalty != 1.0 or bool(s.presence_penalty) or bool(s.frequency_penalty)
+        self.grammar = self.chain = None
+        self.foreign_ends = foreign_ends if s.grammar and foreign_ends is not None and foreign_ends.size else None
+        if s.grammar:
+            self.grammar = lib.llama_sampler_init_grammar(vocab_ptr, s.grammar.encode(), b"root")
+            if not self.grammar:
+                raise MarcoError("llama.cpp could not parse the grammar")
+        if not self.greedy:
+            self.chain = _chain(lib, s, n_vocab, seed)
+        if self.grammar is not None or self.chain is not None:  # plain greedy needs no candidate arrays
+            self.full, self.one = _Candidates(lib, n_vocab), _Candidates(lib, 1)
+            self.all_ids = np.arange(n_vocab, dtype=np.intc)
+        # 0: check the whole vocabulary
+        self.need = 1 if self.greedy else s.top_k if s.top_k and not penalised else 0
+
+    def _pick(self, c: _Candidates) -> int:
+        if self.greedy:
+            view = c.view()
+            return int(view["id"][int(view["logit"].argmax())])
+        c.apply(self.chain)
+        return int(c.view()["id"][c.array.selected])
+
+    def _allowed(self, token: int, logit: float) -> bool:
+        self.one.fill(np.array([token], dtype=np.intc), np.array([logit], dtype=np.single))
+        self.one.apply(self.grammar)
+        return bool(np.isfinite(self.one.data["logit"][0]))
+
+    def pick(self, raw: np.ndarray) -> tuple[int, TokenLogprob | None]:
+        """The next token for logits `raw` (not modified), accepted into the samplers' state, and its
+        TokenLogprob when s.logprobs is set."""
+        lib, grammar, full = self.lib, self.grammar, getattr(self, "full", None)
+        logits = raw
+        if self.foreign_ends is not None:
+            logits = raw.copy()
+            logits[self.foreign_ends] = -np.inf
+        if self.greedy:
+            token = int(logits.argmax())
+        else:
+            full.fill(self.all_ids, logits)
+            token = self._pick(full)
+        if grammar is not None:
+            COUNTS["tokens"] += 1
+        if grammar is not None and not self._allowed(token, float(logits[token])):
+            COUNTS["rejected"] += 1
+            token = -1
+            for window in (WINDOWS if self.need else ()):
+                if window >= self.n_vocab:
+                    break
+                best = np.argpartition(-logits, window)[:window]
+                best = best[np.argsort(-logits[best], kind="stable")].astype(np.intc)
+                full.fill(best, logits[best], is_sorted=True)
+                full.apply(grammar)
+                survivors = full.view()[np.isfinite(full.view()["logit"])]
+                if len(survivors) >= self.need:
+                    full.fill(survivors["id"], survivors["logit"], is_sorted=True)
+                    token = self._pick(full)
+                    COUNTS["window"] += 1
+                    break
+            if token < 0:
+                COUNTS["full"] += 1
+                full.fill(self.all_ids, logits)
+                full.apply(grammar)
+                if not np.isfinite(full.view()["logit"]).any():
+                    raise MarcoError("the grammar allows no token here")
+                token = self._pick(full)
+        if grammar is not None:
+            lib.llama_sampler_accept(grammar, token)
+        if self.chain is not None:
+            lib.llama_sampler_accept(self.chain, token)
+        return token, logprob_of(raw, token, self.s.logprobs) if self.s.logprobs is not None else None
+
+    def close(self) -> None:
+        for sampler in (self.grammar, self.chain):
+            if sampler:
+                self.lib.llama_sampler_free(sampler)
+        self.grammar = self.chain = None
+
+
 def guided_tokens(llama: Any, vocab_ptr: Any, pending: list[int], s: Sampling, seed: int,
                   logprobs: list[TokenLogprob], foreign_ends: np.ndarray | None = None) -> Iterator[int]:
     """Generated ids after evaluating `pending` (the prompt's uncached tail), constrained by `s.grammar`;
@@ -98,80 +188,18 @@ def guided_tokens(llama: Any, vocab_ptr: Any, pending: list[int], s: Sampling, s
     import llama_cpp as lib
 
     n_vocab = llama.n_vocab()
-    greedy = s.temperature <= 0
-    penalised = s.repeat_penalty != 1.0 or bool(s.presence_penalty) or bool(s.frequency_penalty)
-    grammar = chain = None
+    picker = Picker(vocab_ptr, s, seed, n_vocab, foreign_ends)
     try:
-        if s.grammar:
-            grammar = lib.llama_sampler_init_grammar(vocab_ptr, s.grammar.encode(), b"root")
-            if not grammar:
-                raise MarcoError("llama.cpp could not parse the grammar")
-        if not greedy:
-            chain = _chain(lib, s, n_vocab, seed)
-        full, one = _Candidates(lib, n_vocab), _Candidates(lib, 1)
-        all_ids = np.arange(n_vocab, dtype=np.intc)
-        need = 1 if greedy else s.top_k if s.top_k and not penalised else 0  # 0: check the whole vocabulary
-
-        def pick(c: _Candidates) -> int:
-            if greedy:
-                view = c.view()
-                return int(view["id"][int(view["logit"].argmax())])
-            c.apply(chain)
-            return int(c.view()["id"][c.array.selected])
-
-        def allowed(token: int, logit: float) -> bool:
-            one.fill(np.array([token], dtype=np.intc), np.array([logit], dtype=np.single))
-            one.apply(grammar)
-            return bool(np.isfinite(one.data["logit"][0]))
-
         while True:
             llama.eval(pending)
-            raw = logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(llama.ctx, -1), shape=(n_vocab,))
-            if grammar is not None and foreign_ends is not None and foreign_ends.size:
-                logits = raw.copy()
-                logits[foreign_ends] = -np.inf
-            if greedy:
-                token = int(logits.argmax())
-            else:
-                full.fill(all_ids, logits)
-                token = pick(full)
-            if grammar is not None:
-                COUNTS["tokens"] += 1
-            if grammar is not None and not allowed(token, float(logits[token])):
-                COUNTS["rejected"] += 1
-                token = -1
-                for window in (WINDOWS if need else ()):
-                    if window >= n_vocab:
-                        break
-                    best = np.argpartition(-logits, window)[:window]
-                    best = best[np.argsort(-logits[best], kind="stable")].astype(np.intc)
-                    full.fill(best, logits[best], is_sorted=True)
-                    full.apply(grammar)
-                    survivors = full.view()[np.isfinite(full.view()["logit"])]
-                    if len(survivors) >= need:
-                        full.fill(survivors["id"], survivors["logit"], is_sorted=True)
-                        token = pick(full)
-                        COUNTS["window"] += 1
-                        break
-                if token < 0:
-                    COUNTS["full"] += 1
-                    full.fill(all_ids, logits)
-                    full.apply(grammar)
-                    if not np.isfinite(full.view()["logit"]).any():
-                        raise MarcoError("the grammar allows no token here")
-                    token = pick(full)
-            if grammar is not None:
-                lib.llama_sampler_accept(grammar, token)
-            if chain is not None:
-                lib.llama_sampler_accept(chain, token)
-            if s.logprobs is not None:
-                logprobs.append(logprob_of(raw, token, s.logprobs))
+            raw = np.ctypeslib.as_array(lib.llama_get_logits_ith(llama.ctx, -1), shape=(n_vocab,))
+            token, lp = picker.pick(raw)
+            if lp is not None:
+                logprobs.append(lp)
             yield token
             pending = [token]
     finally:
-        for sampler in (grammar, chain):
-            if sampler:
-                lib.llama_sampler_free(sampler)
+        picker.close()
 
 
 def _text(piece: bytes) -> str:

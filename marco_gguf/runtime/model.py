@@ -109,31 +109,46 @@ class TokenStream:
         self.logprobs: list[TokenLogprob] = []  # one per generated token when sampling.logprobs is set
         self.completion: Completion | None = None
         self._cancelled = threading.Event()
+        self.evaluated = 0  # prompt tokens computed (the rest came from the KV cache)
 
     def cancel(self) -> None:
         """Stop the generation before its next decode step (thread-safe; finish_reason "cancelled")."""
         self._cancelled.set()
 
+    @property
+    def n_ctx(self) -> int:
+        """The context one sequence may fill (prompt and generation)."""
+        return self.model.n_ctx
+
+    def _source(self, seed: int, max_tokens: int) -> Iterator[int]:
+        """The generated ids (end of turn included, then the caller stops); sets `evaluated`."""
+        llama, ids = self.model.require_llama(), self.ids
+        self.evaluated = len(ids) - min(_common_prefix(llama.input_ids[:llama.n_tokens], ids), len(ids) - 1)
+        llama.set_seed(seed)
+        return _tokens(llama, ids, self.sampling, seed, self.model, self.logprobs)
+
     def __iter__(self) -> Iterator[str]:
         model, ids, s = self.model, self.ids, self.sampling
-        llama, vocab, stop_ids = model.require_llama(), model.vocab, model.stop_ids
-        room = model.n_ctx - len(ids)
+        vocab, stop_ids = model.vocab, model.stop_ids
+        if model.llama is None:
+            model.require_llama()
+        room = self.n_ctx - len(ids)
         if not ids:
             raise MarcoError("the prompt is empty")
         if room <= 0:
-            raise MarcoError(f"the prompt is {len(ids)} tokens; the context holds {model.n_ctx}")
+            raise MarcoError(f"the prompt is {len(ids)} tokens; the context holds {self.n_ctx}")
         max_tokens = min(s.max_tokens or room, room)
-        cached = _common_prefix(llama.input_ids[:llama.n_tokens], ids)
-        evaluated = len(ids) - min(cached, len(ids) - 1)
+        self.evaluated = 0
         seed = s.seed if s.seed is not None else random.getrandbits(32)
-        llama.set_seed(seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         finish, n, pending = "cancelled", 0, ""
         t0 = t_first = time.perf_counter()
+        source = None
         try:
             if self._cancelled.is_set():  # cancelled while queued: not even the prompt is evaluated
                 return
-            for token in _tokens(llama, ids, s, seed, model, self.logprobs):
+            source = self._source(seed, max_tokens)
+            for token in source:
                 if n == 0:
                     t_first = time.perf_counter()
                 if token in stop_ids:
@@ -156,9 +171,11 @@ class TokenStream:
                 if self._cancelled.is_set():  # checked before the generator decodes the next token
                     break
         finally:
+            if source is not None and hasattr(source, "close"):
+                source.close()  # ends the generation now (the engine frees the sequence)
             t_end = time.perf_counter()
-            self.completion = Completion(self.text, finish, len(ids), n, evaluated, t_first - t0, t_end - t_first,
-                                         self.logprobs if s.logprobs is not None else None)
+            self.completion = Completion(self.text, finish, len(ids), n, self.evaluated, t_first - t0,
+                                         t_end - t_first, self.logprobs if s.logprobs is not None else None)
 
     def wait(self) -> Completion:
         """Run the generation to its end and return the Completion."""
@@ -376,6 +393,27 @@ class MarcoModel:
         c = tokens.wait()
         return plan.reply(c, tokens.logprobs if tokens.sampling.logprobs is not None else None)
 
+    def engine(self, n_parallel: int, n_ctx: int | None = None, unified: bool = False, **kwargs: Any) -> Any:
+        """An Engine decoding up to `n_parallel` sequences together on this model's weights (engine.py): the
+        server's --parallel and batch work. Close it (or use it as a context manager) when done."""
+        from marco_gguf.runtime.engine import Engine
+
+        return Engine(self, n_parallel, n_ctx, unified, **kwargs)
+
+    def generate_many(self, prompts: list[str | list[int]], parallel: int = 4, sampling: Sampling | None = None,
+                      **overrides: Any) -> list[Completion]:
+        """Completions for many prompts, `parallel` decoded together, returned in input order (greedy decoding
+        unless `sampling`/overrides say otherwise). The context is split across the parallel sequences.
+        A prompt too long for its share raises its MarcoError."""
+        overrides.setdefault("temperature", 0.0)
+        out: list[Completion | None] = [None] * len(prompts)
+        with self.engine(parallel) as engine:
+            for i, c in engine.complete_many(prompts, sampling, **overrides):
+                if isinstance(c, MarcoError):
+                    raise c
+                out[i] = c
+        return out  # type: ignore[return-value]
+
     def close(self) -> None:
         """Free llama.cpp's model and context now rather than at garbage collection."""
         if self.llama is not None:
@@ -477,6 +515,7 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
             from marco_gguf.runtime.lora import attach_loras
 
             llama.marco_loras = attach_loras(llama, [(Path(p), s) for p, s in lora], ARCHITECTURE)
+            llama.marco_lora_scales = [float(s) for _, s in lora]  # for the parallel engine's context
     except ValueError as exc:
         raise MarcoError(f"llama.cpp could not load {path.name}: {exc}") from None
     finally:
