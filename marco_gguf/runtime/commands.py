@@ -57,6 +57,12 @@ Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy decoding (tempera
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 Lora = Annotated[list[Path] | None, typer.Option("--lora", help="LoRA adapter GGUF applied at run time (`marco-gguf "
                                                  "export-lora` makes one); repeatable.", rich_help_panel=LOAD)]
+Parallel = Annotated[int, typer.Option(
+    "--parallel", "-np", min=1, help="Sequences decoded together in one batch per step (llama-server's -np). The "
+    "context (--ctx) is split evenly between them unless --kv-unified.", rich_help_panel=LOAD)]
+KvUnified = Annotated[bool, typer.Option(
+    "--kv-unified", help="With --parallel: one KV pool all sequences share (each may use the whole --ctx while "
+    "the sum fits) instead of an even split.", rich_help_panel=LOAD)]
 LoraScale = Annotated[list[float] | None, typer.Option("--lora-scale", help="Strength of the --lora adapters: once "
                                                        "for all, or once per --lora (default 1).",
                                                        rich_help_panel=LOAD)]
@@ -146,8 +152,16 @@ def chat(
 @command()
 def run(
     model_path: Model,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text; - reads it from stdin.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text; - reads it from stdin.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate at most.")] = 128,
+    file: Annotated[Path | None, typer.Option(
+        "--file", "-f", help="Batch mode: one prompt per line (.jsonl: a JSON string, {\"prompt\": ...} or "
+        "{\"messages\": [...]} per line); one result per line in input order, each a JSON string (--json: an "
+        "object).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Batch mode: write the results here (default stdout). Rerunning resumes: lines "
+        "already in the file are kept and their prompts skipped.")] = None,
+    parallel: Parallel = 1, kv_unified: KvUnified = False,
     as_chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message through the "
                                           "chat template.")] = False,
     as_json: Json = False,
@@ -161,7 +175,18 @@ def run(
     temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
     repeat_penalty: RepeatPenalty = None, seed: Seed = None, greedy: Greedy = False,
 ) -> None:
-    """Generate once from a prompt; prompt and generation speed (tokens/s) go to stderr."""
+    """Generate once from a prompt (prompt and generation speed go to stderr), or from every line of --file."""
+    if (prompt is None) == (file is None):
+        raise typer.BadParameter("give exactly one of --prompt or --file")
+    if file is None and (output is not None or parallel > 1):
+        raise typer.BadParameter("--output and --parallel go with --file (batch mode)")
+    if file is not None:
+        _run_batch(model_path, file, output, parallel, kv_unified, max_tokens, as_chat, as_json, json_schema,
+                   ctx, threads, gpu_layers, flash_attn, experts_on_cpu, n_cpu_moe, rpc, lora, lora_scale, kv_type,
+                   mmap, mlock, chat_template, chat_template_kwargs, temp, top_p, top_k, min_p, repeat_penalty,
+                   seed, greedy)
+        return
+    assert prompt is not None
     if prompt == "-":
         prompt = sys.stdin.read()
     if max_tokens < 1:
@@ -189,6 +214,58 @@ def run(
     err.print(f"prompt: {c.prompt_tokens} tokens, {_rate(pps)}; generation: {c.completion_tokens} tokens, "
               f"{_rate(gps)} ({c.finish_reason})", highlight=False)
     model.close()
+
+
+def _run_batch(model_path: Path, file: Path, output: Path | None, parallel: int, kv_unified: bool, max_tokens: int,
+               as_chat: bool, as_json: bool, json_schema: Path | None, ctx: int | None, threads: int | None,
+               gpu_layers: int, flash_attn: bool, experts_on_cpu: bool, n_cpu_moe: int, rpc: str | None,
+               lora: list[Path] | None, lora_scale: list[float] | None, kv_type: str, mmap: bool, mlock: bool,
+               chat_template: Path | None, chat_template_kwargs: str | None, temp: float | None,
+               top_p: float | None, top_k: int | None, min_p: float | None, repeat_penalty: float | None,
+               seed: int | None, greedy: bool) -> None:
+    """`run --file`: the prompts through the parallel engine, results in input order, resumable (batch.py)."""
+    from marco_gguf.runtime.batch import completed_lines, read_prompts, run_batch
+    from marco_gguf.runtime.grammar import json_schema_grammar
+    from marco_gguf.ui import count_progress
+
+    if max_tokens < 1:
+        raise typer.BadParameter("--max-tokens must be at least 1")
+    items = read_prompts(file)
+    start = completed_lines(output) if output is not None else 0
+    if start > len(items):
+        raise MarcoError(f"{output} has {start} lines but {file} only {len(items)} prompts: another job's output?")
+    if start:
+        err.print(f"{output}: {start} of {len(items)} results already there; generating the rest", highlight=False)
+    if start == len(items):
+        return
+    kwargs = _template_kwargs(chat_template_kwargs)
+    schema = _read_json(json_schema, "--json-schema", dict)
+    model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
+                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora, lora_scale=lora_scale)
+    sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy, max_tokens)
+    if schema is not None:
+        sampling = sampling.replace(grammar=json_schema_grammar(schema))
+    failed = []
+
+    def note(i: int, result: Any) -> None:
+        if isinstance(result, MarcoError):
+            failed.append(i)
+
+    try:
+        with model.engine(parallel, unified=kv_unified) as engine, \
+                (output.open("a", encoding="utf-8") if output is not None else contextlib.nullcontext(sys.stdout)) \
+                as out, count_progress(len(items), "generating", enabled=output is not None) as advance:
+            advance(start)
+            for _ in run_batch(model, engine, items, out, start, as_chat, sampling, as_json, kwargs, note):
+                advance(1)
+    except KeyboardInterrupt:
+        raise MarcoError(f"interrupted; rerun the same command to resume{f' from {output}' if output else ''}") \
+            from None
+    finally:
+        model.close()
+    if failed:
+        raise MarcoError(f"{len(failed)} of {len(items) - start} prompts could not run (first: line {failed[0] + 1}; "
+                         "its result line is empty, with --json it says why)")
 
 
 def _rate(tps: float | None) -> str:
@@ -295,6 +372,7 @@ def serve(
     reasoning_format: Annotated[str, typer.Option(
         "--reasoning-format", help="deepseek: a reply's <think> text goes to reasoning_content (llama-server's "
         "default); none: it stays in the content. Requests may choose with reasoning_format.")] = "deepseek",
+    parallel: Parallel = 1, kv_unified: KvUnified = False,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
     experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0, rpc: Rpc = None,
     lora: Lora = None, lora_scale: LoraScale = None,
@@ -316,13 +394,18 @@ def serve(
                       experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora,
                       lora_scale=lora_scale)
         model.sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, False, None)
+        engine = model.engine(parallel, unified=kv_unified) if parallel > 1 else None
         app = server.create_app(model, name, api_key, kwargs, host=host, allowed_hosts=allowed_hosts,
                                 cors_origins=cors_origin, max_body=int(max_body * (1 << 20)),
-                                reasoning_format=reasoning_format)
+                                reasoning_format=reasoning_format, engine=engine)
+        room = f"{model.n_ctx} tokens of context" if engine is None else \
+            f"{parallel} parallel sequences, {engine.n_ctx_seq} tokens of context each"
         err.print(f"serving [bold]{name or model.name}[/] at http://{host}:{sock.getsockname()[1]}/v1 "
-                  f"({model.n_ctx} tokens of context); Ctrl-C stops", highlight=False)
+                  f"({room}); Ctrl-C stops", highlight=False)
         if host in server.WILDCARD_HOSTS and not allowed_hosts:  # else LAN clients' 403 would be a surprise
             err.print("clients on other machines must use a name or address given with --allowed-hosts "
                       "(only localhost, 127.0.0.1 and [::1] are answered)", highlight=False)
         server.make_server(app, sock, log_level="warning").run(sockets=[sock])
+        if engine is not None:
+            engine.close()
         model.close()

@@ -7,8 +7,10 @@ Endpoints: POST /v1/chat/completions and /v1/completions (streamed as server-sen
 "stream": true), GET /v1/models and /health, and llama-server's POST /tokenize and /detokenize.
 Chat replies come in OpenAI's agent shapes: tool_calls (tool_choice, parallel_tool_calls),
 response_format JSON, reasoning_content (reasoning_format) and logprobs; see model.plan_chat.
-One model serves one request at a time: requests queue on a lock and are answered in turn, the
-generation itself runs in worker threads so the server stays responsive. A client that goes away
+Without an engine one model serves one request at a time: requests queue on a lock and are answered in
+turn, the generation itself runs in worker threads so the server stays responsive. With an Engine
+(`serve --parallel N`, engine.py) up to N generations run together, decoded in one batch per step, and
+the ones beyond N wait in the engine's queue. A client that goes away
 (streaming or not) cancels its generation before the next decode step, so it cannot hold the
 queue. Bad requests get a 4xx with an OpenAI-style error body, never a 500: parameters that would
 change the answer but are not implemented are refused by name rather than silently ignored.
@@ -20,6 +22,7 @@ from a foreign Origin, and CORS stays closed unless origins are named.
 
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -216,13 +219,14 @@ def _log(rid: str, c: Completion | None) -> None:
 def create_app(model: MarcoModel, name: str | None = None, api_key: str | None = None,
                template_kwargs: dict[str, Any] | None = None, *, host: str = "127.0.0.1",
                allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None,
-               max_body: int = DEFAULT_MAX_BODY, reasoning_format: str = "deepseek") -> Any:
+               max_body: int = DEFAULT_MAX_BODY, reasoning_format: str = "deepseek", engine: Any = None) -> Any:
     """The FastAPI application serving `model` under the id `name` (default: the model's name).
 
     `host` is the address served: its name is accepted in Host headers besides the loopback ones and
     `allowed_hosts` ('*': any). `cors_origins` are the web origins allowed to call it (default none).
     `max_body` bounds a request body in bytes. `reasoning_format` is the default for requests that do not
-    say: "deepseek" puts <think> text into reasoning_content, "none" leaves it in the content.
+    say: "deepseek" puts <think> text into reasoning_content, "none" leaves it in the content. `engine` (an
+    engine.Engine on `model`) runs requests in parallel instead of one at a time on `model`'s own context.
     """
     require_packages()
     import anyio
@@ -236,7 +240,9 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
     if reasoning_format not in REASONING_FORMATS:
         raise MarcoError(f"reasoning format must be one of {', '.join(REASONING_FORMATS)}")
     model_id = name or model.name
-    lock = asyncio.Lock()  # one generation at a time; the others wait their turn
+    # one generation at a time, the others wait their turn; an engine queues and batches them itself
+    lock: Any = contextlib.nullcontext() if engine is not None else asyncio.Lock()
+    n_ctx = engine.n_ctx_seq if engine is not None else model.n_ctx  # what one request's prompt may fill
     created = int(time.time())
     default_template_kwargs = dict(template_kwargs or {})
 
@@ -361,7 +367,11 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": model_id}
+        if engine is None:
+            return {"status": "ok", "model": model_id}
+        busy, waiting = engine.busy()  # llama-server's slot counts
+        return {"status": "ok", "model": model_id, "slots_idle": engine.n_parallel - busy, "slots_processing": busy,
+                "requests_waiting": waiting}
 
     @app.get("/v1/models")
     def models() -> dict:
@@ -413,7 +423,7 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
         rid, now = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": now,
                 "model": model_id}
-        stream = model.stream(ids, sampling)
+        stream = (engine or model).stream(ids, sampling)
         want_logprobs = sampling.logprobs is not None
         if not req.stream:
             # the generation runs in one worker-thread call; a watcher cancels it if the client leaves,
@@ -482,8 +492,9 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
             raise MarcoError("the prompt is empty")
         if any(not 0 <= i < model.vocab.n_tokens for i in ids):
             raise MarcoError(f"token ids must be in [0, {model.vocab.n_tokens})")
-        if len(ids) >= model.n_ctx:
-            raise MarcoError(f"the prompt is {len(ids)} tokens; the context holds {model.n_ctx}")
+        if len(ids) >= n_ctx:
+            share = " (per parallel sequence)" if engine is not None else ""
+            raise MarcoError(f"the prompt is {len(ids)} tokens; the context holds {n_ctx}{share}")
         return ids
 
     def refuse_unsupported(req: SamplingFields) -> Any:
