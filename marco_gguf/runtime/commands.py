@@ -235,7 +235,8 @@ def _run_batch(model_path: Path, file: Path, output: Path | None, parallel: int,
     if start > len(items):
         raise MarcoError(f"{output} has {start} lines but {file} only {len(items)} prompts: another job's output?")
     if start:
-        err.print(f"{output}: {start} of {len(items)} results already there; generating the rest", highlight=False)
+        err.print(f"{output}: {start} of {len(items)} results already there; generating the rest", highlight=False,
+                  soft_wrap=True)
     if start == len(items):
         return
     kwargs = _template_kwargs(chat_template_kwargs)
@@ -395,17 +396,19 @@ def serve(
                       lora_scale=lora_scale)
         model.sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, False, None)
         engine = model.engine(parallel, unified=kv_unified) if parallel > 1 else None
-        app = server.create_app(model, name, api_key, kwargs, host=host, allowed_hosts=allowed_hosts,
-                                cors_origins=cors_origin, max_body=int(max_body * (1 << 20)),
-                                reasoning_format=reasoning_format, engine=engine)
-        room = f"{model.n_ctx} tokens of context" if engine is None else \
-            f"{parallel} parallel sequences, {engine.n_ctx_seq} tokens of context each"
-        err.print(f"serving [bold]{name or model.name}[/] at http://{host}:{sock.getsockname()[1]}/v1 "
-                  f"({room}); Ctrl-C stops", highlight=False)
-        if host in server.WILDCARD_HOSTS and not allowed_hosts:  # else LAN clients' 403 would be a surprise
-            err.print("clients on other machines must use a name or address given with --allowed-hosts "
-                      "(only localhost, 127.0.0.1 and [::1] are answered)", highlight=False)
-        server.make_server(app, sock, log_level="warning").run(sockets=[sock])
-        if engine is not None:
-            engine.close()
-        model.close()
+        try:
+            app = server.create_app(model, name, api_key, kwargs, host=host, allowed_hosts=allowed_hosts,
+                                    cors_origins=cors_origin, max_body=int(max_body * (1 << 20)),
+                                    reasoning_format=reasoning_format, engine=engine)
+            room = f"{model.n_ctx} tokens of context" if engine is None else \
+                f"{parallel} parallel sequences, {engine.n_ctx_seq} tokens of context each"
+            err.print(f"serving [bold]{name or model.name}[/] at http://{host}:{sock.getsockname()[1]}/v1 "
+                      f"({room}); Ctrl-C stops", highlight=False)
+            if host in server.WILDCARD_HOSTS and not allowed_hosts:  # else LAN clients' 403 would be a surprise
+                err.print("clients on other machines must use a name or address given with --allowed-hosts "
+                          "(only localhost, 127.0.0.1 and [::1] are answered)", highlight=False)
+            server.make_server(app, sock, log_level="warning").run(sockets=[sock])
+        finally:
+            if engine is not None:
+                engine.close()
+            model.close()

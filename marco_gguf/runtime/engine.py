@@ -17,8 +17,9 @@ max_tokens, or when its reader cancels or stops reading (its KV cells are freed 
 
 Sequences beyond N wait in a queue. A free slot is picked by the longest common prefix between its
 cached tokens and the new prompt (llama-server's slot similarity), so a conversation that comes back
-reuses its history instead of reading it again; with the split cache a finished sequence's cells stay
-for that purpose (no other sequence can use them), with the unified pool they are freed at the end.
+reuses its history instead of reading it again. So a finished sequence's cells stay for that purpose:
+with the split cache no other sequence could use them anyway; with the unified pool they are given up
+(idle slots' caches, all of them) as soon as a step finds no room. A cancelled sequence's cells go at once.
 """
 
 from __future__ import annotations
@@ -287,13 +288,20 @@ class Engine:
                 self._free(slot, keep=False)
 
     def _free(self, slot: _Slot, keep: bool) -> None:
-        """Detach the slot's stream. keep: leave its cells for a returning conversation (split cache only)."""
+        """Detach the slot's stream. keep: leave its cells for a returning conversation."""
         if slot.picker is not None:
             slot.picker.close()
         slot.stream, slot.picker, slot.pending = None, None, []
-        if not keep or self.unified:
+        if not keep:
             self.lib.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
             slot.cached = []
+
+    def _evict_idle(self) -> bool:
+        """Give up the cells idle slots keep for returning conversations; whether there were any."""
+        idle = [s for s in self.slots if s.stream is None and s.cached]
+        for slot in idle:
+            self._free(slot, keep=False)
+        return bool(idle)
 
     def _step(self) -> None:
         """One llama_decode: a token of every generating sequence, then prompt chunks in admission order."""
@@ -325,6 +333,8 @@ class Engine:
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
             batch.seq_id[i][0], batch.logits[i] = seq, want
         rc = lib.llama_decode(self.ctx, batch)
+        if rc == 1 and self._evict_idle():  # the unified pool is full of idle caches: make room, try again
+            rc = lib.llama_decode(self.ctx, batch)
         self.steps += 1
         if rc != 0:
             raise MarcoError("the context is full (use a longer --ctx or fewer --parallel)" if rc == 1

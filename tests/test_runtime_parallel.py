@@ -1,0 +1,297 @@
+"""Parallel decoding (issue 12): the engine from Python, `serve --parallel` through the openai client and
+httpx, and batch mode (`run --file`). The single-request server tests run again here against the engine."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from test_runtime_server import (  # noqa: F401  (collected again here, against the parallel server)
+    _start,
+    test_chat_completion_with_and_without_streaming,
+    test_malformed_requests_get_4xx_and_the_server_keeps_running,
+    test_text_completion,
+)
+from typer.testing import CliRunner
+
+from marco_gguf.cli import app
+from marco_gguf.runtime import server
+from marco_gguf.runtime.batch import BatchItem, completed_lines, read_prompts, run_batch
+from marco_gguf.runtime.engine import GreedySplit, compare_greedy
+from marco_gguf.runtime.guided import TokenLogprob
+from marco_gguf.runtime.model import load_model
+
+PROMPTS = ["Marco runs on phones", "Hello", "The capital of France is Paris, and the capital of Italy is",
+           "1 2 3 4 5 6", "Ciao! Come stai oggi?"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_f32):
+    m = load_model(tiny_f32, n_ctx=512, threads=1)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    """Two sequences sharing the 512-token pool (unified: each may use all of it, as the single-request tests
+    expect)."""
+    e = model.engine(2, unified=True)
+    yield e
+    e.close()
+
+
+class Recording:
+    """The engine, with every stream the server starts kept in `streams` (to see how each one ended)."""
+
+    def __init__(self, engine):
+        self.engine, self.streams = engine, []
+
+    def stream(self, *args, **kwargs):
+        s = self.engine.stream(*args, **kwargs)
+        self.streams.append(s)
+        return s
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+@pytest.fixture(scope="module")
+def recording(engine):
+    return Recording(engine)
+
+
+@pytest.fixture(scope="module")
+def base_url(model, recording):
+    srv, thread, url = _start(server.create_app(model, "marco-tiny", engine=recording))
+    yield url
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _settle(engine) -> None:
+    """Wait until the engine has no sequence and no queue (streams end on the engine thread)."""
+    deadline = time.monotonic() + 60
+    while engine.busy() != (0, 0):
+        assert time.monotonic() < deadline, f"engine still busy: {engine.busy()}"
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------- the engine from Python
+
+
+def test_greedy_together_equals_alone_except_near_ties(model, tiny_f32):
+    """Four prompts decoded in one batch give each prompt's alone output, except where the alone run's top-2
+    margin is below the measured batched-vs-single difference (then the split is a near tie, as in the ARM
+    check); any other split fails."""
+    alone = [model.complete(p, max_tokens=24, temperature=0, logprobs=2) for p in PROMPTS[:4]]
+    with model.engine(4) as four:
+        together = dict(four.complete_many(PROMPTS[:4], max_tokens=24, temperature=0, logprobs=2))
+    splits = []
+    for i, a in enumerate(alone):
+        b = together[i]
+        split = compare_greedy(a.logprobs, b.logprobs)
+        if split is None:
+            assert (b.text, b.finish_reason, b.completion_tokens) == (a.text, a.finish_reason, a.completion_tokens)
+        else:
+            assert split.explained, f"prompt {i}: {split} is not a near tie"
+            splits.append(split)
+    assert len(splits) < len(alone)  # a batch that changed every output is broken, whatever the margins
+
+
+def test_compare_greedy_tells_near_ties_from_real_differences():
+    same = [TokenLogprob(5, -0.1, ((5, -0.1), (7, -2.0)))]
+    assert compare_greedy(same, same) is None
+    alone = same + [TokenLogprob(1, -0.69, ((1, -0.69), (2, -0.70)))]
+    flipped = [TokenLogprob(5, -0.1 + 0.02, ((5, -0.08), (7, -2.0))), TokenLogprob(2, -0.69, ((2, -0.69),))]
+    split = compare_greedy(alone, flipped)
+    assert split == GreedySplit(1, pytest.approx(0.01), pytest.approx(0.02)) and split.explained
+    wide = same + [TokenLogprob(1, -0.1, ((1, -0.1), (2, -3.0)))]
+    assert not compare_greedy(wide, flipped).explained  # a margin of 2.9 cannot flip by a 0.02 difference
+
+
+def test_sampling_seeds_grammar_and_prefix_reuse(model, engine):
+    """Per-sequence seeds give the single path's tokens; a grammar holds per sequence; a returning prompt that
+    extends a finished one lands in its slot and reads only the new part."""
+    single = model.complete("Marco", max_tokens=8, temperature=0.9, seed=11)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    with ThreadPoolExecutor(3) as pool:
+        sampled = pool.submit(engine.complete, "Marco", max_tokens=8, temperature=0.9, seed=11)
+        other = pool.submit(engine.complete, "Hello", max_tokens=8, temperature=0.9, seed=12)
+        constrained = pool.submit(engine.complete, "Marco", max_tokens=40, temperature=0, json_schema=schema)
+        assert sampled.result().text == single.text
+        assert other.result().completion_tokens >= 1
+        assert "n" in json.loads(constrained.result().text)
+    ids = model.tokenize(PROMPTS[2])
+    first = engine.stream(ids, max_tokens=6, temperature=0)
+    first.wait()
+    follow = ids + first.tokens + model.tokenize(" and then")
+    again = engine.stream(follow, max_tokens=2, temperature=0)
+    c = again.wait()
+    assert again.slot == first.slot
+    assert c.prompt_evaluated <= len(follow) - len(ids)
+
+
+def test_queueing_beyond_n_and_cancel_frees_the_slot(model, engine):
+    """With both slots busy a third stream waits (not even its prompt read); cancelling one running stream
+    frees its slot and KV cells at once, and the waiting one runs there."""
+    import llama_cpp
+
+    _settle(engine)
+    long = dict(max_tokens=400, temperature=0)
+    a, b = engine.stream("Marco runs on phones", **long), engine.stream("Hello there", **long)
+    pieces_a, pieces_b = iter(a), iter(b)
+    next(pieces_a), next(pieces_b)  # both admitted and generating
+    waiting = engine.stream("1 2 3", max_tokens=5, temperature=0)
+    done = threading.Event()
+    threading.Thread(target=lambda: (waiting.wait(), done.set()), daemon=True).start()
+    deadline = time.monotonic() + 60
+    while engine.busy() != (2, 1):
+        assert time.monotonic() < deadline and a.completion is None, f"no queue: {engine.busy()}"
+        time.sleep(0.005)
+    assert waiting.slot is None and waiting.evaluated == 0
+    a.cancel()
+    assert done.wait(60)
+    assert waiting.slot == a.slot
+    pieces_a.close()
+    assert a.completion.finish_reason == "cancelled"
+    assert waiting.completion.completion_tokens == model.complete("1 2 3", max_tokens=5, temperature=0) \
+        .completion_tokens
+    b.cancel()
+    pieces_b.close()
+    _settle(engine)
+    assert b.completion.finish_reason == "cancelled"
+    # b's cells went at once: its slot holds nothing (its number was not reused since)
+    assert llama_cpp.llama_memory_seq_pos_max(engine.mem, b.slot) == -1
+
+
+# ---------------------------------------------------------------- serve --parallel
+
+
+def test_concurrent_streams_complete_with_their_counts(client, model):
+    """More requests than slots, streamed and not, each with its own max_tokens: every one gets its own text,
+    token count and finish reason, as it would alone."""
+    jobs = [(p, 3 + 2 * i, i % 2 == 1) for i, p in enumerate(PROMPTS)]
+
+    def ask(job):
+        prompt, n, stream = job
+        if not stream:
+            reply = client.completions.create(model="marco-tiny", prompt=prompt, max_tokens=n, temperature=0)
+            return reply.choices[0].text, reply.choices[0].finish_reason, reply.usage.completion_tokens
+        chunks = list(client.completions.create(model="marco-tiny", prompt=prompt, max_tokens=n, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        return "".join(c.choices[0].text for c in chunks if c.choices), finish, chunks[-1].usage.completion_tokens
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(ask, jobs))
+    for (prompt, n, _), answer in zip(jobs, answers, strict=True):
+        alone = model.complete(prompt, max_tokens=n, temperature=0)
+        assert answer == (alone.text, alone.finish_reason, alone.completion_tokens)
+
+
+def test_disconnect_mid_batch_frees_its_slot(base_url, client, recording, model):
+    """A streaming client that leaves while another request generates beside it: its sequence is cancelled and
+    its cells freed, the other finishes with its full answer, and the health check shows idle slots again."""
+    _settle(recording.engine)
+    before = len(recording.streams)
+    expected = model.complete("Ciao", max_tokens=60, temperature=0)
+    with ThreadPoolExecutor(1) as pool:
+        with httpx.stream("POST", base_url + "/v1/completions", json={"prompt": "Marco runs", "stream": True,
+                                                                       "max_tokens": 400, "temperature": 0}) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            other = pool.submit(client.completions.create, model="marco-tiny", prompt="Ciao", max_tokens=60,
+                                temperature=0)
+            deadline = time.monotonic() + 60
+            while len(recording.streams) < before + 2 or recording.streams[before + 1].slot is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            next(line for line in lines if line.startswith("data: "))
+        # the first client is gone here, the other one is still being answered beside it or after it
+        reply = other.result()
+    assert (reply.choices[0].text, reply.usage.completion_tokens) == (expected.text, expected.completion_tokens)
+    _settle(recording.engine)
+    left = recording.streams[before]
+    assert left.completion.finish_reason == "cancelled" and left.completion.completion_tokens < 400
+    health = httpx.get(base_url + "/health").json()
+    assert health["slots_idle"] == 2 and health["slots_processing"] == 0 and health["requests_waiting"] == 0
+
+
+def test_serve_parallel_option_reaches_the_app(tiny_f32, monkeypatch):
+    """`serve --parallel 3 --kv-unified` builds the app with a 3-sequence engine (the server itself is not run)."""
+    seen = {}
+
+    def fake_app(model, *args, engine=None, **kwargs):
+        seen["engine"] = (engine.n_parallel, engine.unified, engine.n_ctx_seq)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(server, "create_app", fake_app)
+    result = CliRunner().invoke(app, ["serve", str(tiny_f32), "--parallel", "3", "--kv-unified", "-c", "768",
+                                      "-t", "1", "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert seen["engine"] == (3, True, 768)
+
+
+# ---------------------------------------------------------------- batch mode
+
+
+def test_batch_output_is_in_input_order_and_resumes(model, engine, tmp_path):
+    """Results come back out of order (short ones overtake long ones) but lines go out in input order; a run
+    stopped after two lines leaves exactly those two; a torn last line is dropped; the rerun finishes the file
+    to the same bytes as an uninterrupted run."""
+    items = [BatchItem(prompt=p) for p in PROMPTS] + [BatchItem(prompt="")]
+    sampling = model.sampling.replace(temperature=0.0, max_tokens=6)
+    whole = io.StringIO()
+    assert list(run_batch(model, engine, items, whole, sampling=sampling, as_json=True)) == list(range(len(items)))
+    lines = whole.getvalue().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["index"] for r in records] == list(range(len(items)))
+    assert records[0]["text"] == model.complete(PROMPTS[0], max_tokens=6, temperature=0).text
+    assert "empty" in records[-1]["error"]
+
+    out = tmp_path / "out.jsonl"
+    with out.open("a", encoding="utf-8") as f:
+        for i in run_batch(model, engine, items, f, sampling=sampling, as_json=True):
+            if i == 1:
+                break  # interrupted after two lines
+    _settle(engine)
+    assert out.read_text(encoding="utf-8").splitlines() == lines[:2]
+    with out.open("a", encoding="utf-8") as f:
+        f.write('{"index": 2, "te')  # killed in mid-write
+    assert completed_lines(out) == 2 and out.read_text(encoding="utf-8").splitlines() == lines[:2]
+    with out.open("a", encoding="utf-8") as f:
+        list(run_batch(model, engine, items, f, start=2, sampling=sampling, as_json=True))
+    assert out.read_text(encoding="utf-8").splitlines() == lines
+
+
+def test_batch_cli_writes_lines_and_resumes(tiny_f32, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in
+                               ["Marco", {"prompt": "Hello"}, {"messages": [{"role": "user", "content": "Hi"}]}]))
+    assert [i.source() for i in read_prompts(prompts)] == ["Marco", "Hello", [{"role": "user", "content": "Hi"}]]
+    out = tmp_path / "out.txt"
+    args = ["run", str(tiny_f32), "--file", str(prompts), "--parallel", "2", "-n", "4", "--greedy", "-t", "1",
+            "-c", "256", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    texts = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    first = out.read_text(encoding="utf-8")
+    out.write_text(first.split("\n", 1)[0] + "\n", encoding="utf-8")  # as if stopped after one line
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "1 of 3 results already there" in result.output
+    assert out.read_text(encoding="utf-8") == first
+    bad = CliRunner().invoke(app, ["run", str(tiny_f32), "-p", "x", "--parallel", "2"])
+    assert bad.exit_code != 0 and "--file" in bad.output
