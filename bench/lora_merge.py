@@ -11,7 +11,7 @@ cache: `marco-gguf convert --quant Q` and `marco-gguf convert --quant Q --lora A
 --three-step, once: what users do today (transformers loads the bf16 model, PEFT loads the adapter,
 merge_and_unload, save_pretrained, then convert), timed as the sum of its two processes, with the
 disk the merged checkpoint takes. Goal: merge-while-converting <= 1.2x the wall of convert alone and
-peak RSS within 0.5 GB of it. Results: bench/out/lora_merge-L{layers}.json.
+peak RSS within 0.5 GB of it. Results: bench/out/lora_merge-L{layers}-{quant}.json.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def main() -> None:
         result["vs_three_step"] = wall["convert --lora"] / result["three_step"]["wall_s"]
         print(f"  three-step: merge+save {merge}, convert {step3}, {disk / 2**30:.2f} GiB on disk", flush=True)
 
-    (OUT / f"lora_merge-L{args.layers}.json").write_text(json.dumps(result, indent=2))
+    (OUT / f"lora_merge-L{args.layers}-{args.quant}.json").write_text(json.dumps(result, indent=2))
     print(f"\n| route ({args.layers} layers, {args.quant}, rank {args.rank}) | wall (s) | peak RSS (MiB) |")
     print("|---|---|---|")
     for k in runs:

@@ -219,6 +219,9 @@ def inspect(file: Annotated[Path, typer.Argument(help="GGUF file.")], as_json: J
     console.print(table)
     if info["recipe"]:
         console.print("recipe:\n" + info["recipe"].strip(), highlight=False, markup=False)
+    for lora in info["lora_merged"]:
+        console.print(f"LoRA merged: {lora['name']} x{lora['scale']:g} (r={lora['r']}, alpha={lora['lora_alpha']}, "
+                      f"sha256 {str(lora['sha256'])[:12]})", highlight=False, markup=False)
 
 
 @command()

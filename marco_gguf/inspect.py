@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def inspect_file(path: Path) -> dict:
         "tokenizer": tokenizer,
         "chat_template": "tokenizer.chat_template" in reader.fields,
         "recipe": reader.get("marco_gguf.recipe"),
+        "lora_merged": [json.loads(x) for x in reader.get("marco_gguf.lora.merged") or []],
         "tensors": table,
         "total": {"tensors": len(reader.tensors), "weights": weights, "bytes": nbytes,
                   "bpw": 8 * nbytes / max(weights, 1)},

@@ -24,6 +24,7 @@ from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
 from marco_gguf.quantize.from_gguf import quantize_file
 from marco_gguf.quantize.recipe import preset, uniform
+from marco_gguf.runtime.model import load_model
 
 peft = pytest.importorskip("peft")
 
@@ -139,11 +140,11 @@ def per_expert_skeleton(model) -> torch.nn.Module:
     return root
 
 
-def test_per_expert_linear_adapter_equals_peft_merge(tiny_model, tiny_ckpt, fused_ckpt_from_tiny, tmp_path,
-                                                     hf_tokenizer, some_prompts, one_torch_thread):
-    """An adapter on per-expert nn.Linear modules and an nn.Linear router (older layout), merged into
-    both checkpoint layouts, against PEFT's merge of those modules."""
-    folder = tmp_path / "per-expert"
+@pytest.fixture(scope="module")
+def per_expert_adapter(tiny_model, lora_dir):
+    """An adapter on per-expert nn.Linear modules and an nn.Linear router (older layout); returns the folder
+    and the tiny model with PEFT's merge of those modules written into its fused parameters."""
+    folder = lora_dir / "per-expert"
     torch.manual_seed(3)
     skeleton = peft.get_peft_model(per_expert_skeleton(tiny_model), peft.LoraConfig(
         init_lora_weights=False, r=2, lora_alpha=4, target_modules=["q_proj", "gate", "gate_proj", "up_proj",
@@ -160,6 +161,13 @@ def test_per_expert_linear_adapter_equals_peft_merge(tiny_model, tiny_ckpt, fuse
                 layer.mlp.experts.gate_up_proj[e, :I] = ex.gate_proj.weight
                 layer.mlp.experts.gate_up_proj[e, I:] = ex.up_proj.weight
                 layer.mlp.experts.down_proj[e] = ex.down_proj.weight
+    return folder, merged
+
+
+def test_per_expert_linear_adapter_equals_peft_merge(tiny_ckpt, fused_ckpt_from_tiny, per_expert_adapter, tmp_path,
+                                                     hf_tokenizer, some_prompts, one_torch_thread):
+    """The older layout's adapter merged into both checkpoint layouts, against PEFT's merge of those modules."""
+    folder, merged = per_expert_adapter
     for ckpt in (tiny_ckpt, fused_ckpt_from_tiny):
         out = tmp_path / f"{ckpt.name}.gguf"
         convert(ckpt, out, uniform("F32"), progress=False, loras=[folder])
@@ -270,6 +278,8 @@ def test_cli_merges_and_refuses_in_one_line(tiny_ckpt, attention_adapter, tmp_pa
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["merged"] == "attention x0.5"
     assert json.loads(GGUFFile(out).get(LORA_KEY)[0])["scale"] == 0.5
+    inspected = json.loads(run("inspect", str(out), "--json").stdout)["lora_merged"]
+    assert [(x["name"], x["scale"], x["r"]) for x in inspected] == [("attention", 0.5, 4)]
     bad = edit_adapter_config(attention_adapter[0], tmp_path / "dora", use_dora=True)
     out2 = tmp_path / "bad.gguf"
     assert_one_line_error(run("convert", str(tiny_ckpt), "-o", str(out2), "--lora", str(bad)), "DoRA", out=out2)
@@ -371,3 +381,25 @@ def test_untied_embeddings_and_output_merge_and_run(untied_model, fused_ckpt, fu
     for m, r in zip(logits_of(merged, ids), logits_of(fused_f32, ids, lora=[(adapter, 1.0)]), strict=True):
         assert (m.argmax(-1) == r.argmax(-1)).all()
         assert np.abs(m - r).max() < 0.02, np.abs(m - r).max()  # f16 factors: measured 5e-3
+
+
+def test_per_expert_adapter_exports_as_stacked_expert_pairs(tiny_f32, per_expert_adapter, tmp_path, hf_tokenizer,
+                                                           some_prompts, one_torch_thread):
+    """One LoRA per expert Linear becomes one 3-D pair per expert tensor; run time equals PEFT's merge."""
+    from marco_gguf.convert.lora_export import export_lora
+
+    folder, merged = per_expert_adapter
+    adapter = tmp_path / "per-expert.gguf"
+    export_lora(folder, tiny_f32, adapter)
+    shapes = {t.name: t.shape for t in GGUFFile(adapter).tensors}
+    assert shapes["blk.0.ffn_up_exps.weight.lora_a"] == (8, 2, 256)  # [experts, r, n_embd]
+    llm = load_model(tiny_f32, n_ctx=64, threads=2, logits_all=True, kv_type="f32", lora=[(adapter, 1.0)])
+    agree, n = 0, 0
+    for p in some_prompts:
+        ids = hf_tokenizer(p["text"])["input_ids"][:24]
+        with torch.no_grad():
+            ref = merged(torch.tensor([ids])).logits[0].float().numpy()
+        got = llm.logits(ids)
+        assert np.abs(ref - got).max() < F32_BOUND
+        agree, n = agree + int((ref.argmax(-1) == got.argmax(-1)).sum()), n + len(ids)
+    assert agree == n
