@@ -239,9 +239,9 @@ class MergedRows:
                 rows[:] = delta.adapter.read(delta.key, part.hf_matrix * delta.rows_per_matrix + r0, n_rows)
             else:
                 a, b = self._get(delta)
-                # einsum, not matmul: OpenBLAS's threads on these thin products (inner size r) beside the
-                # quantizing workers were measured 27x slower than one thread (2.7 s against 0.1 s per
-                # 232-expert tensor); einsum's own loop takes 0.25 s and touches no global thread setting.
+                # einsum, not matmul: OpenBLAS with its default threads was measured 27x slower than one
+                # thread on these thin products (inner size r: 2.7 s against 0.1 s per 232-expert tensor),
+                # and the BLAS thread count is process-global; einsum's own loop takes 0.25 s.
                 rows += np.einsum("ir,rh->ih", b[part.hf_matrix, r0:r0 + n_rows], a[part.hf_matrix], optimize=False)
         with self._lock:
             self._delivered += n_rows
