@@ -403,3 +403,27 @@ def test_per_expert_adapter_exports_as_stacked_expert_pairs(tiny_f32, per_expert
         assert np.abs(ref - got).max() < F32_BOUND
         agree, n = agree + int((ref.argmax(-1) == got.argmax(-1)).sum()), n + len(ids)
     assert agree == n
+
+
+def test_nesting_order_of_expert_wrappers_is_checked_by_shape(tiny_ckpt, full_adapter, tmp_path, hf_tokenizer,
+                                                               some_prompts, one_torch_thread):
+    """An adapter whose nested expert wrappers come in the other order (another PEFT release) merges the same:
+    A's width (hidden vs expert width) says which fused parameter each pair belongs to."""
+    from safetensors.numpy import load_file, save_file
+
+    folder, merged = full_adapter
+    swapped = copy_checkpoint(folder, tmp_path / "swapped")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    renamed = {}
+    for key, value in tensors.items():
+        if ".mlp.experts." in key:
+            key = key.replace("experts.base_layer.", "experts.") if "base_layer" in key \
+                else key.replace("experts.", "experts.base_layer.")
+        renamed[key] = value
+    outer = "base_model.model.model.layers.0.mlp.experts.lora_A.weight"
+    assert renamed[outer].shape != tensors[outer].shape  # really swapped
+    save_file(renamed, str(swapped / "adapter_model.safetensors"))
+    out = tmp_path / "swapped.gguf"
+    convert(tiny_ckpt, out, uniform("F32"), progress=False, loras=[swapped])
+    top1, worst, _ = compare(merged, out, hf_tokenizer, some_prompts)
+    assert top1 == 1.0 and worst < F32_BOUND, (top1, worst)

@@ -386,6 +386,10 @@ def _resolve(adapter: Adapter, weights: dict[str, HFWeight], tied: bool, plan: M
                 refuse(f"{module} has {nest + 1} nested LoRA wrappers but target_parameters names "
                        f"{len(wrapped)} of its parameters")
             param = wrapped[len(wrapped) - 1 - nest]
+            # PEFT releases have nested in other orders; shapes decide where they can (H != I in Marco)
+            fitting = [p for p in wrapped if _fits(weights[f"{module}.{p}"].shape, adapter, ab)]
+            if len(fitting) == 1:
+                param = fitting[0]
             hf, module_key = f"{module}.{param}", f"{module}.{param}"
         else:
             hf = f"{module}.weight"
@@ -409,6 +413,14 @@ def _resolve(adapter: Adapter, weights: dict[str, HFWeight], tied: bool, plan: M
             plan.deltas.setdefault(part.gguf_name, []).append((delta, part))
     if not pairs and not touched:
         plan.warnings.append(f"LoRA adapter {name} has no tensors: nothing merged")
+
+
+def _fits(shape: tuple[int, int, int], adapter: Adapter, ab: dict[str, str]) -> bool:
+    """Whether LoRA factors A [r*E, cols] and B [rows, r*E] fit a weight of [E, rows, cols]."""
+    E, rows, cols = shape
+    a, b = adapter.tensors[ab["A"]].shape, adapter.tensors[ab["B"]].shape
+    return (len(a) == 2 and len(b) == 2 and a[1] == cols and b[0] == rows and a[0] == b[1] and a[0] % E == 0
+            and a[0] > 0)
 
 
 def _squeeze(shape: tuple[int, int, int]) -> tuple[int, ...]:
