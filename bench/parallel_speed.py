@@ -157,6 +157,31 @@ def step_bytes(path: Path, batch: int) -> dict[str, float]:
             "distinct_experts_per_layer": distinct, "layers": layers}
 
 
+def greedy_check(model_path: Path, threads: int, tokens: int) -> list[dict]:
+    """Greedy outputs of 4 prompts decoded together against each decoded alone (logprobs for the margins): equal,
+    or split at a near tie (engine.compare_greedy); anything else fails the benchmark."""
+    from marco_gguf.runtime.engine import compare_greedy
+    from marco_gguf.runtime.model import load_model
+
+    model = load_model(model_path, n_ctx=4096, threads=threads)
+    try:
+        alone = [model.complete(p, max_tokens=tokens, temperature=0, logprobs=2) for p in PROMPTS[:4]]
+        with model.engine(4) as engine:
+            together = dict(engine.complete_many(PROMPTS[:4], max_tokens=tokens, temperature=0, logprobs=2))
+    finally:
+        model.close()
+    rows = []
+    for i, a in enumerate(alone):
+        split = compare_greedy(a.logprobs, together[i].logprobs)
+        rows.append({"prompt": i, "tokens": a.completion_tokens, "equal": split is None}
+                    | ({} if split is None else {"split_at": split.index, "margin": split.margin,
+                                                 "difference": split.difference, "near_tie": split.explained}))
+        if split is not None and not split.explained:
+            raise SystemExit(f"prompt {i}: batched greedy output left the single one at token {split.index} with a "
+                             f"margin of {split.margin:.4g} against a measured difference of {split.difference:.4g}")
+    return rows
+
+
 def batch_mode(model: Path, threads: int, lines: int, tokens: int, parallel: int, prompts: Path) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.txt"
@@ -181,6 +206,8 @@ def main() -> None:
     args = ap.parse_args()
     model = nano_file(args.layers)
     exe = llama_server()
+    greedy = greedy_check(model, args.threads, 64)
+    print(f"greedy together vs alone: {greedy}", file=sys.stderr, flush=True)
     t = str(args.threads)
     env_cmd = [sys.executable, "-m", "marco_gguf", "serve", str(model), "-t", t, "-c", "4096"]
     servers = {
@@ -213,7 +240,7 @@ def main() -> None:
             s.close()
 
     result: dict = {"model": model.name, "threads": args.threads, "rounds": args.rounds, "tokens": args.tokens,
-                    "servers": {}}
+                    "greedy_together_vs_alone": greedy, "servers": {}}
     for name, rec in runs.items():
         row = {k: (max(v) if k.startswith("tg") else min(v)) for k, v in rec.items()}
         row["busy_over_idle"] = statistics.median(b / i for b, i in zip(rec["busy_s"], rec["idle_s"], strict=True))
