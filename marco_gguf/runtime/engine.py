@@ -132,6 +132,10 @@ class Engine:
             arr = (lib.llama_adapter_lora_p_ctypes * len(loras))(*loras)
             lib.llama_set_adapters_lora(self.ctx, arr, len(loras), (ctypes.c_float * len(loras))(*scales))
         self.n_ctx_seq = int(lib.llama_n_ctx_seq(self.ctx))
+        if model.n_ctx_train and self.n_ctx_seq > model.n_ctx_train:
+            lib.llama_free(self.ctx)
+            raise MarcoError(f"{self.n_ctx_seq} tokens of context per sequence is longer than the {model.n_ctx_train} "
+                             f"tokens {model.path.name} was trained for")
         self.n_vocab = llama.n_vocab()
         self.mem = lib.llama_get_memory(self.ctx)
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
