@@ -233,15 +233,15 @@ class Engine:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                self._admit()
-                self._reap()
-                if self._closing:
-                    break
-                if not any(s.stream is not None for s in self.slots):
-                    self._cond.wait()
-                    continue
             try:
+                with self._cond:
+                    self._admit()
+                    self._reap()
+                    if self._closing:
+                        break
+                    if not any(s.stream is not None for s in self.slots):
+                        self._cond.wait()
+                        continue
                 self._step()
             except Exception as exc:  # noqa: BLE001  (handed to every reader, the engine goes on)
                 error = exc if isinstance(exc, MarcoError) else MarcoError(f"decoding failed: {exc}")
@@ -276,8 +276,8 @@ class Engine:
             try:
                 picker = Picker(self.model.vocab.ptr, stream.sampling, seed, self.n_vocab,
                                 self.model.foreign_ends if stream.sampling.grammar else None)
-            except MarcoError as exc:
-                stream._out.put(exc)
+            except Exception as exc:  # noqa: BLE001  (a grammar llama.cpp cannot parse: this stream's error)
+                stream._out.put(exc if isinstance(exc, MarcoError) else MarcoError(str(exc)))
                 continue
             self._admitted += 1
             slot.stream, slot.picker, slot.pending = stream, picker, ids[keep:]
