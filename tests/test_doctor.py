@@ -105,13 +105,27 @@ def test_a_sigill_in_the_probe_is_explained_with_the_fix():
     (Host("Linux", "x86_64", ["avx2", "fma", "f16c"], vulkan=True), "CPU : AVX2 = 1 |", "vulkan", []),
     (Host("Linux", "aarch64", ["asimd", "asimddp", "i8mm"]), "CPU : NEON = 1 |", "linux-arm64",
      ["GGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16+i8mm"]),
-    (Host("Linux", "x86_64", ["avx2", "fma", "f16c"]), "CPU : AVX2 = 1 | AVX512 = 1 |", "cpu-avx2", []),
+    (Host("Linux", "x86_64", ["avx2", "fma", "f16c"]), "CPU : AVX2 = 1 | AVX512 = 1 |", "portable", []),
+    # advertised but not run (isa.py's child faulted): the AVX-512 build is not advised
+    (Host("Linux", "x86_64", ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512vbmi"],
+          runs={"avx2": True, "avx512f": False, "avx512_vnni": False, "avx512_bf16": False}),
+     "CPU : AVX2 = 1 | AVX512 = 1 |", "portable", []),
     (Host("Linux", "x86_64", ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512vbmi"]),
      "CPU : AVX2 = 1 | AVX512 = 1 |", "cpu-avx512", []),
 ])
 def test_advice_names_the_build_for_the_hardware(host, build, profile, defines):
     advice = advise(host, parse_system_info(build), ["CPU"], crashed=False)
     assert (advice.profile, advice.defines) == (profile, defines)
+
+
+def test_kernels_report_amx_that_does_not_run():
+    from marco_gguf.runtime.doctor import kernels
+
+    host = Host("Linux", "x86_64", ["avx2", "avx512f", "amx_int8", "amx_tile"], runs={"avx512f": True, "amx": False})
+    report = kernels(parse_system_info("CPU : AVX2 = 1 | FMA = 1 | AVX512 = 0 |"), host)
+    assert report["built_with"] == ["AVX2", "FMA"]
+    assert len(report["notes"]) == 1 and "AMX" in report["notes"][0] and "SIGILL" in report["notes"][0]
+    assert kernels({}, Host("Linux", "x86_64", ["avx2", "amx_int8"], runs={"amx": True}))["notes"] == []
 
 
 def test_no_advice_when_the_build_already_fits():
