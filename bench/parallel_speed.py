@@ -215,7 +215,7 @@ def main() -> None:
                                                                        str(port := free_port())], port),
         "llama-server -np 4": Server("llama-server -np 4", [str(exe), "-m", str(model), "-t", t, "-tb", t, "-c",
                                                             "4096", "-np", "4", "--port", str(port := free_port()),
-                                                            "--no-webui"], port),
+                                                            "--no-webui", "-fa", "off"], port),  # as ours
         "marco (one at a time)": Server("marco (one at a time)", env_cmd + ["--port", str(port := free_port())],
                                         port),
     }

@@ -176,6 +176,30 @@ def test_queueing_beyond_n_and_cancel_frees_the_slot(model, engine):
     assert llama_cpp.llama_memory_seq_pos_max(engine.mem, b.slot) == -1
 
 
+def test_engine_applies_the_models_lora_adapters(tiny_model, tiny_f32, tmp_path):
+    """The engine's own context activates the run-time adapters the model was loaded with, at their scale: its
+    greedy text is the single path's with the adapter, not the base model's."""
+    pytest.importorskip("peft")
+    from test_lora import ATTENTION, make_adapter
+
+    from marco_gguf.convert.lora_export import export_lora
+
+    make_adapter(tiny_model, tmp_path / "peft", 6, r=4, lora_alpha=8, target_modules=ATTENTION)
+    adapter = tmp_path / "adapter.gguf"
+    export_lora(tmp_path / "peft", tiny_f32, adapter)
+    texts = []
+    for lora in ([(adapter, 0.7)], None):
+        m = load_model(tiny_f32, n_ctx=256, threads=1, kv_type="f32", lora=lora)
+        try:
+            alone = m.complete("Marco speaks", max_tokens=12, temperature=0).text
+            with m.engine(2) as e:
+                assert e.complete("Marco speaks", max_tokens=12, temperature=0).text == alone
+            texts.append(alone)
+        finally:
+            m.close()
+    assert texts[0] != texts[1]  # the adapter matters
+
+
 # ---------------------------------------------------------------- serve --parallel
 
 
