@@ -236,7 +236,6 @@ def small_model():
     ("ia3", "PEFT IA3 adapter"),
     ("pissa", "pissa"),
     ("shape", "do not fit"),
-    ("tied", "ties"),
     ("missing", "no adapter_model.safetensors"),
     ("truncated", "truncated"),
 ])
@@ -251,8 +250,6 @@ def test_bad_adapter_is_refused_and_leaves_nothing(case, fragment, tiny_model, s
         folder = edit_adapter_config(attention_adapter[0], folder, init_lora_weights="pissa")
     elif case == "shape":
         make_adapter(small_model, folder, 4, r=2, target_modules=["q_proj"])
-    elif case == "tied":
-        make_adapter(tiny_model, folder, 4, r=2, target_modules=["lm_head"])
     elif case == "missing":
         folder = copy_checkpoint(attention_adapter[0], folder)
         (folder / "adapter_model.safetensors").unlink()
@@ -427,3 +424,26 @@ def test_nesting_order_of_expert_wrappers_is_checked_by_shape(tiny_ckpt, full_ad
     convert(tiny_ckpt, out, uniform("F32"), progress=False, loras=[swapped])
     top1, worst, _ = compare(merged, out, hf_tokenizer, some_prompts)
     assert top1 == 1.0 and worst < F32_BOUND, (top1, worst)
+
+
+def test_tied_embeddings_adapter_keeps_inputs_and_outputs_as_trained(tiny_model, tiny_ckpt, tmp_path, hf_tokenizer,
+                                                                     some_prompts, one_torch_thread):
+    """LoRA on embed_tokens and lm_head of a tied model: PEFT trains them as two modules over one tensor, so the
+    file gets its own output layer and equals the trained (unmerged) PEFT model, which merge_and_unload would not
+    (it writes both deltas into the shared tensor). A run-time adapter cannot be exact: export refuses."""
+    from marco_gguf.convert.lora_export import export_lora
+
+    folder = tmp_path / "tied"
+    torch.manual_seed(8)
+    trained = peft.get_peft_model(copy.deepcopy(tiny_model), peft.LoraConfig(
+        init_lora_weights=False, r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"])).eval()
+    trained.save_pretrained(str(folder), save_embedding_layers=False)
+    out = tmp_path / "tied.gguf"
+    result = convert(tiny_ckpt, out, uniform("F32"), progress=False, loras=[folder])
+    assert any("own output layer" in w for w in result.warnings)
+    f = GGUFFile(out)
+    assert f.tensor("output.weight").shape == f.tensor("token_embd.weight").shape
+    top1, worst, _ = compare(trained, out, hf_tokenizer, some_prompts)
+    assert top1 == 1.0 and worst < F32_BOUND, (top1, worst)
+    with pytest.raises(MarcoError, match="tied embeddings.*convert BASE --lora"):
+        export_lora(folder, tiny_ckpt, tmp_path / "tied-adapter.gguf")

@@ -12,7 +12,7 @@ import numpy as np
 from marco_gguf.convert.checkpoint import Checkpoint, resolve_source
 from marco_gguf.convert.lora import LORA_KEY, LoraSpec, MergedRows, plan_merge
 from marco_gguf.convert.metadata import model_metadata
-from marco_gguf.convert.plan import hf_weights, plan_tensors
+from marco_gguf.convert.plan import hf_weights, plan_tensors, untie_output
 from marco_gguf.convert.registry import HParams, find_architecture
 from marco_gguf.convert.vocab import load_vocab
 from marco_gguf.host import default_threads
@@ -63,9 +63,12 @@ def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: i
         planned = plan_tensors(arch, hp, ckpt)
         if loras:
             merge = plan_merge([_spec(x) for x in loras], hf_weights(arch, hp), hp.tied)
+            if merge.untie:
+                planned = untie_output(planned)
             planned = merge.wrap(planned)
         lora_meta = merge.metadata() if merge else []
-        jobs = [TensorJob(p.name, p.shape, p.source, recipe.type_for(p.name, p.shape, hp.n_layer, hp.tied))
+        tied = hp.tied and not (merge and merge.untie)  # token_embd doubles as the output layer
+        jobs = [TensorJob(p.name, p.shape, p.source, recipe.type_for(p.name, p.shape, hp.n_layer, tied))
                 for p in planned]
         if imatrix is not None:
             attach_imatrix(jobs, imatrix)
@@ -82,7 +85,7 @@ def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: i
             kv = kv_cache_bytes(budget.ctx, hp.n_layer, hp.n_head_kv, hp.head_dim, hp.head_dim)
             limit = budget.file_bytes(kv, hp.vocab_size)
             recipe, classes = fit_to_budget(jobs, recipe, limit, overhead_bytes(header, jobs, arch.gguf_arch_name),
-                                            hp.n_layer, hp.tied, hp.n_expert, hp.n_expert_used)
+                                            hp.n_layer, tied, hp.n_expert, hp.n_expert_used)
             if on_plan is not None:
                 on_plan(recipe, classes)
             for job in jobs:  # the planner sampled rows: start the merged sources' row counts afresh

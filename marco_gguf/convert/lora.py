@@ -265,6 +265,7 @@ class MergePlan:
     adapters: list[Adapter]
     deltas: dict[str, list[tuple[Delta, Part]]] = field(default_factory=dict)  # GGUF tensor -> deltas in order
     warnings: list[str] = field(default_factory=list)
+    untie: bool = False  # tied embeddings that an adapter changes on one side: the file needs output.weight
 
     def wrap(self, planned: list[PlannedTensor]) -> list[PlannedTensor]:
         """The planned tensors, those an adapter touches reading through MergedRows."""
@@ -327,6 +328,13 @@ def plan_merge(specs: list[LoraSpec], weights: dict[str, HFWeight], tied: bool) 
     except BaseException:
         plan.close()
         raise
+    if tied and ("token_embd.weight" in plan.deltas or "output.weight" in plan.deltas):
+        # PEFT adapts embed_tokens and lm_head as separate modules: the trained (unmerged) model reads
+        # changed inputs through unchanged outputs, or the reverse. merge_and_unload would write the
+        # delta into the one shared tensor and change both sides; the file keeps them apart instead.
+        plan.untie = True
+        plan.warnings.append("the adapters change one side of the tied embeddings: the file gets its own output "
+                             "layer (token_embd's size again) so that inputs and outputs stay as trained")
     return plan
 
 
@@ -337,9 +345,8 @@ def _resolve(adapter: Adapter, weights: dict[str, HFWeight], tied: bool, plan: M
         raise MarcoError(f"cannot merge LoRA adapter {name}: {what}")
 
     def check_tied(hf: str) -> None:
-        if tied and hf in TIED:
-            refuse(f"it changes {hf}, which this model ties to the {'output layer' if 'embed' in hf else 'embeddings'}"
-                   "; PEFT's merged and unmerged models differ there, so no exact merge exists")
+        if tied and hf in TIED and adapter.config.get("ensure_weight_tying"):
+            refuse(f"it changes {hf} with ensure_weight_tying, which is not supported")
 
     pairs: dict[tuple[str, str, int], dict[str, str]] = {}
     touched = 0

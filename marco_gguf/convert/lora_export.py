@@ -131,6 +131,10 @@ def export_lora(adapter_dir: str | Path, base: str | Path, out: Path, outtype: s
 
 def _jobs(plan: MergePlan, hp: HParams, out_type: T) -> list[TensorJob]:
     name = plan.adapters[0].name
+    if plan.untie:
+        raise MarcoError(f"LoRA adapter {name} changes one side of this model's tied embeddings, and llama.cpp "
+                         "runs a tied model's output layer on token_embd itself, so no run-time adapter is exact; "
+                         f"merge it instead: marco-gguf convert BASE --lora {name} -o OUT")
     jobs: list[TensorJob] = []
     for gguf_name, ops in plan.deltas.items():
         for delta, _ in ops:

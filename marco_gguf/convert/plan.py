@@ -154,6 +154,8 @@ def hf_weights(arch: Architecture, hp: HParams) -> dict[str, HFWeight]:
 
     The converter reads one layout; an adapter may have been trained on the other (PEFT's fused
     `target_parameters` or per-expert Linear modules), so adapters are resolved through this map.
+    With tied embeddings lm_head.weight still maps to output.weight: a file whose adapter changes
+    one side of the tie gets its own output layer (convert() adds it).
     """
     out: dict[str, HFWeight] = {}
 
@@ -162,7 +164,7 @@ def hf_weights(arch: Architecture, hp: HParams) -> dict[str, HFWeight]:
 
     for bid in [None, *range(hp.n_layer)]:
         for rule in arch.tensors:
-            if ("{bid}" in rule.hf_name) != (bid is not None) or (rule.target == MT.OUTPUT and hp.tied):
+            if ("{bid}" in rule.hf_name) != (bid is not None):
                 continue
             shape = rule.shape(hp)
             rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
@@ -181,6 +183,14 @@ def hf_weights(arch: Architecture, hp: HParams) -> dict[str, HFWeight]:
             out[f"{prefix}.{e}.up_proj.weight"] = HFWeight((1, I, H), (Part(up, e, 0, 0, I),))
             out[f"{prefix}.{e}.down_proj.weight"] = HFWeight((1, H, I), (Part(down, e, 0, 0, H),))
     return out
+
+
+def untie_output(planned: list[PlannedTensor]) -> list[PlannedTensor]:
+    """Tied embeddings written twice: output.weight (after output_norm, where an untied model has it) reads
+    the same checkpoint rows as token_embd, so an adapter can change one without the other."""
+    embd = next(p for p in planned if p.name == "token_embd.weight")
+    at = next(i for i, p in enumerate(planned) if p.name == "output_norm.weight") + 1
+    return [*planned[:at], PlannedTensor("output.weight", embd.shape, embd.source), *planned[at:]]
 
 
 def _unknown_tensor_message(names: list[str]) -> str:
