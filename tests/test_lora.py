@@ -426,8 +426,9 @@ def test_nesting_order_of_expert_wrappers_is_checked_by_shape(tiny_ckpt, full_ad
     assert top1 == 1.0 and worst < F32_BOUND, (top1, worst)
 
 
-def test_tied_embeddings_adapter_keeps_inputs_and_outputs_as_trained(tiny_model, tiny_ckpt, tmp_path, hf_tokenizer,
-                                                                     some_prompts, one_torch_thread):
+@pytest.mark.parametrize("targets", [["embed_tokens", "lm_head", "q_proj"], ["embed_tokens", "q_proj"]])
+def test_tied_embeddings_adapter_keeps_inputs_and_outputs_as_trained(targets, tiny_model, tiny_ckpt, tmp_path,
+                                                                     hf_tokenizer, some_prompts, one_torch_thread):
     """LoRA on embed_tokens and lm_head of a tied model: PEFT trains them as two modules over one tensor, so the
     file gets its own output layer and equals the trained (unmerged) PEFT model, which merge_and_unload would not
     (it writes both deltas into the shared tensor). A run-time adapter cannot be exact: export refuses."""
@@ -436,8 +437,12 @@ def test_tied_embeddings_adapter_keeps_inputs_and_outputs_as_trained(tiny_model,
     folder = tmp_path / "tied"
     torch.manual_seed(8)
     trained = peft.get_peft_model(copy.deepcopy(tiny_model), peft.LoraConfig(
-        init_lora_weights=False, r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"])).eval()
-    trained.save_pretrained(str(folder), save_embedding_layers=False)
+        init_lora_weights=False, r=4, lora_alpha=8, target_modules=targets)).eval()
+    with torch.no_grad():  # trained embeddings (new tokens, say): saved as base_layer.weight, shared by both sides
+        shared = trained.base_model.model.model.embed_tokens.base_layer.weight
+        assert shared is trained.base_model.model.get_output_embeddings().weight
+        shared.add_(0.01 * torch.randn_like(shared))
+    trained.save_pretrained(str(folder), save_embedding_layers=True)
     out = tmp_path / "tied.gguf"
     result = convert(tiny_ckpt, out, uniform("F32"), progress=False, loras=[folder])
     assert any("own output layer" in w for w in result.warnings)

@@ -372,7 +372,11 @@ def _resolve(adapter: Adapter, weights: dict[str, HFWeight], tied: bool, plan: M
         stored = adapter.tensors[key].shape
         if math.prod(stored) != math.prod(w.shape) or stored[-1] != w.shape[-1]:
             refuse(f"tensor {key} has shape {list(stored)}, the model's {hf} is {list(_squeeze(w.shape))}")
-        for part in w.parts:
+        parts = list(w.parts)
+        if tied and hf == TIED[0] and ".base_layer." in short:
+            # a saved base weight loads into the tensor both sides share (a modules_to_save copy would not)
+            parts += weights[TIED[1]].parts
+        for part in parts:
             plan.deltas.setdefault(part.gguf_name, []).append((Replacement(adapter, key, w.shape[1]), part))
         touched += 1
 
