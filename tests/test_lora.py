@@ -452,3 +452,17 @@ def test_tied_embeddings_adapter_keeps_inputs_and_outputs_as_trained(targets, ti
     assert top1 == 1.0 and worst < F32_BOUND, (top1, worst)
     with pytest.raises(MarcoError, match="tied embeddings.*convert BASE --lora"):
         export_lora(folder, tiny_ckpt, tmp_path / "tied-adapter.gguf")
+
+
+def test_budget_planning_reads_through_the_merge(tiny_ckpt, attention_adapter, tmp_path):
+    """--max-size plans on the merged weights (the planner samples rows through the merge) and the file fits;
+    no merged source keeps factors loaded afterwards."""
+    from marco_gguf.convert.lora import MergedRows
+    from marco_gguf.quantize.planner import Budget
+
+    out = tmp_path / "budget.gguf"
+    result = convert(tiny_ckpt, out, preset("Q4_K_M"), progress=False, loras=[attention_adapter[0]],
+                     budget=Budget(max_size=60_000_000, fit_ram=None, ctx=512))
+    merged = [j.source for j in result.jobs if isinstance(j.source, MergedRows)]
+    assert len(merged) == 4 * 3 and all(not m._factors for m in merged)
+    assert out.stat().st_size <= 60_000_000
