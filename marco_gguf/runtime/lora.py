@@ -45,6 +45,7 @@ def attach_loras(llama, loras: list[tuple[Path, float]], architecture: str) -> l
                              "tensors must match this model's shapes)")
         handles.append(handle)
     if handles:
+        llama.marco_lora_scales = [float(s) for _, s in loras]  # other contexts on this model (engine.py) reuse them
         arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(handles))(*handles)
         scales = (ctypes.c_float * len(handles))(*[float(s) for _, s in loras])
         if llama_cpp.llama_set_adapters_lora(llama.ctx, arr, len(handles), scales):
