@@ -142,7 +142,8 @@ def export_lora(
                                             "adapter_model.safetensors).")],
     base: Annotated[str, typer.Option("--base", help="The model it adapts: its checkpoint folder or GGUF file.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="LoRA adapter GGUF to write.")],
-    outtype: Annotated[str, typer.Option(help="Type of the adapter tensors: f32 or f16.")] = "f32",
+    outtype: Annotated[str, typer.Option(help="Type of the adapter tensors: f16 or f32 (exact, twice the size).")]
+    = "f16",
     force: Force = False,
     as_json: Json = False,
 ) -> None:

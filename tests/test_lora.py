@@ -311,7 +311,7 @@ def test_runtime_adapter_changes_the_output_as_the_merged_file_does(base_is_gguf
     from marco_gguf.convert.lora_export import export_lora
 
     adapter = tmp_path / "adapter.gguf"
-    result = export_lora(runtime_adapter, tiny_f32 if base_is_gguf else tiny_ckpt, adapter)
+    result = export_lora(runtime_adapter, tiny_f32 if base_is_gguf else tiny_ckpt, adapter, outtype="f32")
     names = {t.name for t in GGUFFile(adapter).tensors}
     assert "blk.0.ffn_gate_exps.weight.lora_a" in names and "blk.2.ffn_down_exps.weight.lora_b" in names
     assert result.tensors == 3 * (4 + 1 + 3)
@@ -345,7 +345,8 @@ def test_cli_export_then_run_with_lora_equals_the_merged_file(tiny_ckpt, tiny_f3
     from test_convert_errors import assert_one_line_error, run
 
     adapter, merged = tmp_path / "adapter.gguf", tmp_path / "merged.gguf"
-    assert run("export-lora", str(runtime_adapter), "--base", str(tiny_ckpt), "-o", str(adapter)).exit_code == 0
+    assert run("export-lora", str(runtime_adapter), "--base", str(tiny_ckpt), "-o", str(adapter),
+               "--outtype", "f32").exit_code == 0
     convert(tiny_ckpt, merged, uniform("F32"), progress=False, loras=[(runtime_adapter, 0.7)])
     args = ["-p", "Marco speaks", "-n", "12", "--greedy", "--json", "--kv-type", "f32", "--threads", "2"]
     with_lora = run("run", str(tiny_f32), *args, "--lora", str(adapter), "--lora-scale", "0.7")
@@ -387,7 +388,7 @@ def test_per_expert_adapter_exports_as_stacked_expert_pairs(tiny_f32, per_expert
 
     folder, merged = per_expert_adapter
     adapter = tmp_path / "per-expert.gguf"
-    export_lora(folder, tiny_f32, adapter)
+    export_lora(folder, tiny_f32, adapter, outtype="f32")
     shapes = {t.name: t.shape for t in GGUFFile(adapter).tensors}
     assert shapes["blk.0.ffn_up_exps.weight.lora_a"] == (8, 2, 256)  # [experts, r, n_embd]
     llm = load_model(tiny_f32, n_ctx=64, threads=2, logits_all=True, kv_type="f32", lora=[(adapter, 1.0)])

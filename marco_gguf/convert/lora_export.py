@@ -102,9 +102,13 @@ def _base_hparams(base: str | Path) -> tuple[HParams, str]:
         ckpt.close()
 
 
-def export_lora(adapter_dir: str | Path, base: str | Path, out: Path, outtype: str = "f32",
+def export_lora(adapter_dir: str | Path, base: str | Path, out: Path, outtype: str = "f16",
                 force: bool = False) -> ExportResult:
-    """Write llama.cpp's LoRA adapter GGUF for a PEFT adapter; `base` is the checkpoint folder or the GGUF model."""
+    """Write llama.cpp's LoRA adapter GGUF for a PEFT adapter; `base` is the checkpoint folder or the GGUF model.
+
+    f16 by default: a rank-16 adapter on every expert of Marco-Nano is ~0.9 GB in f16 and twice that in
+    f32, for logits within ~5e-3 of the f32 adapter's on the test model (f32: 5e-6 of the merged file).
+    """
     if outtype.lower() not in EXPORT_TYPES:
         raise MarcoError(f"adapter type must be one of {', '.join(EXPORT_TYPES)}, got {outtype!r}")
     hp, arch_name = _base_hparams(base)

@@ -511,13 +511,13 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
                           use_mmap=mmap, use_mlock=mlock, verbose=False)
         llama.marco_buft_overrides = overrides  # llama.cpp keeps a pointer to the array: keep it alive
         llama.marco_devices = devices
-        if lora:
-            from marco_gguf.runtime.lora import attach_loras
-
-            llama.marco_loras = attach_loras(llama, [(Path(p), s) for p, s in lora], ARCHITECTURE)
-            llama.marco_lora_scales = [float(s) for _, s in lora]  # for the parallel engine's context
     except ValueError as exc:
         raise MarcoError(f"llama.cpp could not load {path.name}: {exc}") from None
     finally:
         _silence_llama_logs()
+    if lora:  # after the silencing: llama.cpp logs every adapter tensor it keeps off the repacked buffers
+        from marco_gguf.runtime.lora import attach_loras
+
+        llama.marco_loras = attach_loras(llama, [(Path(p), s) for p, s in lora], ARCHITECTURE)
+        llama.marco_lora_scales = [float(s) for _, s in lora]  # for the parallel engine's context
     return MarcoModel(llama, path, meta, Vocab(llama_model_get_vocab(llama.model), types), logits_all)
