@@ -288,12 +288,27 @@ def test_cli_merges_and_refuses_in_one_line(tiny_ckpt, attention_adapter, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def runtime_adapter(tiny_model, lora_dir):
+def runtime_adapter_and_merge(tiny_model, lora_dir):
     """Attention, router and fused experts, per-module patterns and rsLoRA: all of it adaptable at run time."""
     folder = lora_dir / "runtime"
-    make_adapter(tiny_model, folder, 6, r=4, lora_alpha=8, use_rslora=True, target_modules=ATTENTION,
-                 target_parameters=["mlp.gate.weight", *FUSED_EXPERTS], rank_pattern={"down_proj": 2})
-    return folder
+    merged = make_adapter(tiny_model, folder, 6, r=4, lora_alpha=8, use_rslora=True, target_modules=ATTENTION,
+                          target_parameters=["mlp.gate.weight", *FUSED_EXPERTS], rank_pattern={"down_proj": 2})
+    return folder, merged
+
+
+@pytest.fixture(scope="module")
+def runtime_adapter(runtime_adapter_and_merge) -> Path:
+    return runtime_adapter_and_merge[0]
+
+
+def test_rank_pattern_on_a_fused_expert_parameter_equals_peft_merge(tiny_ckpt, runtime_adapter_and_merge, tmp_path,
+                                                                    hf_tokenizer, some_prompts, one_torch_thread):
+    """rank_pattern keyed by a target_parameters name (PEFT matches it against "...experts.down_proj"), rsLoRA."""
+    folder, merged = runtime_adapter_and_merge
+    out = tmp_path / "m.gguf"
+    convert(tiny_ckpt, out, uniform("F32"), progress=False, loras=[folder])
+    top1, worst, _ = compare(merged, out, hf_tokenizer, some_prompts)
+    assert top1 == 1.0 and worst < F32_BOUND, (top1, worst)
 
 
 def logits_of(path: Path, ids_list: list[list[int]], lora=None) -> list[np.ndarray]:
