@@ -3,6 +3,7 @@ httpx, and batch mode (`run --file`). The single-request server tests run again 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import threading
@@ -88,6 +89,27 @@ def _settle(engine) -> None:
         time.sleep(0.01)
 
 
+@contextlib.contextmanager
+def held(engine):
+    """The engine's decode steps wait while the yielded gate is clear (admission and cancellation go on), so a
+    test can line requests up in a known state instead of racing the decoder."""
+    gate = threading.Event()
+    step = engine._step
+    engine._step = lambda: (gate.wait(), step())
+    try:
+        yield gate
+    finally:
+        gate.set()
+        del engine._step
+
+
+def _until(condition, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"waited too long for {what}"
+        time.sleep(0.005)
+
+
 # ---------------------------------------------------------------- the engine from Python
 
 
@@ -143,39 +165,6 @@ def test_sampling_seeds_grammar_and_prefix_reuse(model, engine):
     assert c.prompt_evaluated <= len(follow) - len(ids)
 
 
-def test_queueing_beyond_n_and_cancel_frees_the_slot(model, engine):
-    """With both slots busy a third stream waits (not even its prompt read); cancelling one running stream
-    frees its slot and KV cells at once, and the waiting one runs there."""
-    import llama_cpp
-
-    _settle(engine)
-    long = dict(max_tokens=400, temperature=0)
-    a, b = engine.stream("Marco runs on phones", **long), engine.stream("Hello there", **long)
-    pieces_a, pieces_b = iter(a), iter(b)
-    next(pieces_a), next(pieces_b)  # both admitted and generating
-    waiting = engine.stream("1 2 3", max_tokens=5, temperature=0)
-    done = threading.Event()
-    threading.Thread(target=lambda: (waiting.wait(), done.set()), daemon=True).start()
-    deadline = time.monotonic() + 60
-    while engine.busy() != (2, 1):
-        assert time.monotonic() < deadline and a.completion is None, f"no queue: {engine.busy()}"
-        time.sleep(0.005)
-    assert waiting.slot is None and waiting.evaluated == 0
-    a.cancel()
-    assert done.wait(60)
-    assert waiting.slot == a.slot
-    pieces_a.close()
-    assert a.completion.finish_reason == "cancelled"
-    assert waiting.completion.completion_tokens == model.complete("1 2 3", max_tokens=5, temperature=0) \
-        .completion_tokens
-    b.cancel()
-    pieces_b.close()
-    _settle(engine)
-    assert b.completion.finish_reason == "cancelled"
-    # b's cells went at once: its slot holds nothing (its number was not reused since)
-    assert llama_cpp.llama_memory_seq_pos_max(engine.mem, b.slot) == -1
-
-
 def test_engine_applies_the_models_lora_adapters(tiny_model, tiny_f32, tmp_path):
     """The engine's own context activates the run-time adapters the model was loaded with, at their scale: its
     greedy text is the single path's with the adapter, not the base model's."""
@@ -198,6 +187,40 @@ def test_engine_applies_the_models_lora_adapters(tiny_model, tiny_f32, tmp_path)
         finally:
             m.close()
     assert texts[0] != texts[1]  # the adapter matters
+
+
+def test_queueing_beyond_n_and_cancel_frees_the_slot(model, engine):
+    """With both slots busy a third stream waits (not even its prompt read); cancelling one running stream
+    frees its slot and KV cells at once, and the waiting one runs there."""
+    import llama_cpp
+
+    _settle(engine)
+    long = dict(max_tokens=200, temperature=0)  # both fit the 512-token pool together
+    a, b = engine.stream("Marco runs on phones", **long), engine.stream("Hello there", **long)
+    waiting = engine.stream("1 2 3", max_tokens=5, temperature=0)
+    threads = [threading.Thread(target=s.wait, daemon=True) for s in (a, b, waiting)]
+    with held(engine) as gate:
+        for s, t in zip((a, b, waiting), threads, strict=True):
+            t.start()
+            _until(lambda s=s: s.slot is not None or s in [q[0] for q in engine._queue], "the stream to arrive")
+        gate.set()
+        _until(lambda: a.tokens and b.tokens, "both to generate")
+        assert engine.busy() == (2, 1) and waiting.slot is None and waiting.evaluated == 0
+        gate.clear()  # hold the next step: a and b cannot end on their own meanwhile
+        a.cancel()
+        gate.set()
+    threads[2].join(60)
+    assert waiting.slot == a.slot
+    threads[0].join(60)
+    assert a.completion.finish_reason == "cancelled"
+    assert waiting.completion.completion_tokens == model.complete("1 2 3", max_tokens=5, temperature=0) \
+        .completion_tokens
+    b.cancel()
+    threads[1].join(60)
+    _settle(engine)
+    assert b.completion.finish_reason == "cancelled"
+    # b's cells went at once: its slot holds nothing (its number was not reused since)
+    assert llama_cpp.llama_memory_seq_pos_max(engine.mem, b.slot) == -1
 
 
 # ---------------------------------------------------------------- serve --parallel
@@ -248,9 +271,44 @@ def test_disconnect_mid_batch_frees_its_slot(base_url, client, recording, model)
     assert (reply.choices[0].text, reply.usage.completion_tokens) == (expected.text, expected.completion_tokens)
     _settle(recording.engine)
     left = recording.streams[before]
+    _until(lambda: left.completion is not None, "the left stream's reader to finish")
     assert left.completion.finish_reason == "cancelled" and left.completion.completion_tokens < 400
     health = httpx.get(base_url + "/health").json()
     assert health["slots_idle"] == 2 and health["slots_processing"] == 0 and health["requests_waiting"] == 0
+
+
+def test_a_streaming_client_that_leaves_while_queued_costs_nothing(base_url, recording):
+    """Both slots busy, a third streaming request waits; its client leaves: it is dropped from the queue without
+    its prompt being read (the server does not wait for a token that would never come), and the two running
+    ones are unaffected."""
+    engine = recording.engine
+    _settle(engine)
+    before = len(recording.streams)
+    body = {"stream": True, "max_tokens": 200, "temperature": 0}
+    with held(engine) as gate, contextlib.ExitStack() as clients:
+        first = clients.enter_context(httpx.stream("POST", base_url + "/v1/completions",
+                                                   json=body | {"prompt": "Marco runs"}))
+        lines = [first.iter_lines()]  # kept: a dropped iterator closes the connection
+        next(lines[0])
+        _until(lambda: engine.busy() == (1, 0), "the first request in a slot")
+        second = clients.enter_context(httpx.stream("POST", base_url + "/v1/completions",
+                                                    json=body | {"prompt": "Hello there"}))
+        lines.append(second.iter_lines())
+        next(lines[1])
+        _until(lambda: engine.busy() == (1, 1), "the second request queued (the held step)")
+        with httpx.stream("POST", base_url + "/v1/completions", json=body | {"prompt": "1 2 3"}) as third:
+            lines.append(third.iter_lines())
+            next(lines[2])
+            _until(lambda: engine.busy() == (1, 2), "the third request queued")
+            queued = recording.streams[before + 2]
+        del lines[2]
+        _until(queued._cancelled.is_set, "the server to cancel the queued stream of a client that left")
+        gate.set()
+        _until(lambda: queued.completion is not None, "the queued stream to end")
+        assert queued.completion.finish_reason == "cancelled" and queued.completion.completion_tokens == 0
+        assert queued.slot is None and queued.evaluated == 0
+        _until(lambda: recording.streams[before + 1].slot is not None, "the second request to run after all")
+    _settle(engine)
 
 
 def test_serve_parallel_option_reaches_the_app(tiny_f32, monkeypatch):

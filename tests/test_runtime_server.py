@@ -190,7 +190,8 @@ def test_a_client_that_leaves_while_queued_costs_no_generation(recorded):
     body = json.dumps({"prompt": "Marco", "max_tokens": 5}).encode()
     port = int(url.rsplit(":", 1)[1])
     with httpx.stream("POST", url + "/v1/completions", json={"prompt": "Marco", "stream": True}) as busy:
-        next(busy.iter_lines())  # the first request holds the model
+        held = busy.iter_lines()  # kept: dropping the iterator would close the connection
+        next(held)  # the first request holds the model
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))

@@ -24,10 +24,12 @@ from a foreign Origin, and CORS stays closed unless origins are named.
 import asyncio
 import contextlib
 import hmac
+import inspect
 import ipaddress
 import json
 import logging
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -208,6 +210,24 @@ async def cancel_on_disconnect(receive: Any, stream: TokenStream) -> None:
     stream.cancel()
 
 
+class _Reader:
+    """A stream's pieces, read one at a time by worker threads (None at the end). close() waits for a read in
+    progress, so that a reader thread the request abandoned never shares the generator with the closer."""
+
+    def __init__(self, stream: TokenStream):
+        self.pieces, self.lock = iter(stream), threading.Lock()
+
+    def next(self) -> str | None:
+        with self.lock:
+            return next(self.pieces, None)
+
+    def close(self, then: Any = None) -> None:
+        with self.lock:
+            self.pieces.close()
+        if then is not None:
+            then()
+
+
 def _log(rid: str, c: Completion | None) -> None:
     """One INFO line per generation on the marco_gguf.server logger, for an operator who turns it on: how each
     request ended ("cancelled": its client left) and what it cost. None: it never started."""
@@ -243,6 +263,10 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
     # one generation at a time, the others wait their turn; an engine queues and batches them itself
     lock: Any = contextlib.nullcontext() if engine is not None else asyncio.Lock()
     n_ctx = engine.n_ctx_seq if engine is not None else model.n_ctx  # what one request's prompt may fill
+    # with an engine a stream's reader thread may wait long (queued for a slot): a client that leaves must not
+    # wait for it, so the await is abandoned and the stream cancelled (anyio >= 4.1; older ones wait)
+    abandon = {"abandon_on_cancel": True} if engine is not None and "abandon_on_cancel" in \
+        inspect.signature(anyio.to_thread.run_sync).parameters else {}
     created = int(time.time())
     default_template_kwargs = dict(template_kwargs or {})
 
@@ -391,12 +415,12 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
         generator; either way the generation is closed and the lock freed before the next decode step.
         """
         async with lock:
-            pieces = iter(stream)
+            pieces = _Reader(stream)
             try:
                 if await request.is_disconnected():  # gave up while queued
                     return
                 yield sse(chunk(None, None, first=True))
-                while (piece := await anyio.to_thread.run_sync(next, pieces, None)) is not None:
+                while (piece := await anyio.to_thread.run_sync(pieces.next, **abandon)) is not None:
                     if await request.is_disconnected():
                         return
                     if data := sse(chunk(piece, None)):  # nothing while a tag may be starting
@@ -405,8 +429,13 @@ def create_app(model: MarcoModel, name: str | None = None, api_key: str | None =
                 yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'invalid_request_error'}})}\n\n"
                 return
             finally:
-                pieces.close()
-                _log(rid, stream.completion)
+                if abandon:  # a reader thread may still wait (queued, or for the next token): end the stream, and
+                    stream.cancel()  # close it once that thread is out (the engine answers a cancel at once)
+                    threading.Thread(target=pieces.close, args=(lambda: _log(rid, stream.completion),),
+                                     daemon=True).start()
+                else:
+                    pieces.close()
+                    _log(rid, stream.completion)
             c = stream.completion
             yield sse(chunk(None, c.finish_reason))
             if include_usage:
