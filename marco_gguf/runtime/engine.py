@@ -58,6 +58,7 @@ class EngineStream(TokenStream):
         self.engine = engine
         self.slot: int | None = None  # the slot it ran in, once admitted
         self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting = threading.Event()  # set while the reader waits for its next token (it is done with the last)
 
     @property
     def n_ctx(self) -> int:
@@ -71,6 +72,7 @@ class EngineStream(TokenStream):
         self.engine._submit(self, seed, max_tokens)
         try:
             while True:
+                self._waiting.set()
                 item = self._out.get()
                 if item is _END:
                     return
@@ -141,6 +143,7 @@ class Engine:
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self.slots = [_Slot(i) for i in range(n_parallel)]
         self.steps = 0  # decode steps so far (for benchmarks)
+        self.quiet_wait = 0.002  # seconds; see _let_readers_finish
         self._queue: collections.deque[tuple[EngineStream, int, int]] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -344,6 +347,7 @@ class Engine:
             raise MarcoError("the context is full (use a longer --ctx or fewer --parallel)" if rc == 1
                              else f"llama_decode failed ({rc})")
         stop_ids = self.model.stop_ids
+        delivered: list[EngineStream] = []
         for slot, row in outputs:
             stream = slot.stream
             assert stream is not None and slot.picker is not None
@@ -354,12 +358,28 @@ class Engine:
                 stream._out.put(exc)
                 self._free(slot, keep=False)
                 continue
+            stream._waiting.clear()
             stream._out.put((token, lp))
+            delivered.append(stream)
             slot.generated += 1
             if token in stop_ids or slot.generated >= slot.max_tokens:
                 self._free(slot, keep=True)
             else:
                 slot.last = token
+        self._let_readers_finish(delivered)
+
+    def _let_readers_finish(self, streams: list[EngineStream]) -> None:
+        """Wait (briefly) until the readers of this step's tokens are done with them, before the next decode.
+
+        Why: on a machine whose cores all run llama.cpp's threads, a reader thread that wakes during a decode
+        takes a core from one of them, and the others then spin at the graph's barriers until it gets it back;
+        letting the readers run between decodes costs less. `quiet_wait` seconds at most: a slow reader (a
+        client that does not read) must not hold the others back."""
+        deadline = time.monotonic() + self.quiet_wait
+        for stream in streams:
+            left = deadline - time.monotonic()
+            if left <= 0 or not stream._waiting.wait(left):
+                return
 
 
 @dataclasses.dataclass(frozen=True)
