@@ -223,6 +223,34 @@ def test_queueing_beyond_n_and_cancel_frees_the_slot(model, engine):
     assert llama_cpp.llama_memory_seq_pos_max(engine.mem, b.slot) == -1
 
 
+def test_a_full_unified_pool_ends_only_the_youngest_sequence(engine):
+    """Two sequences that together outgrow the shared 512-token pool: the younger one ends with an error that
+    says so, the older one runs to its length."""
+    from marco_gguf.errors import MarcoError
+
+    _settle(engine)
+    older, younger = engine.stream("Marco", max_tokens=300, temperature=0), \
+        engine.stream("Hello", max_tokens=300, temperature=0)
+    errors = []
+
+    def run(s):
+        try:
+            s.wait()
+        except MarcoError as exc:
+            errors.append((s, str(exc)))
+
+    with held(engine):
+        threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in (older, younger)]
+        for s, t in zip((older, younger), threads, strict=True):
+            t.start()
+            _until(lambda s=s: s.slot is not None or s in [q[0] for q in engine._queue], "the stream to arrive")
+    for t in threads:
+        t.join(120)
+    assert [(s, "is full" in message) for s, message in errors] == [(younger, True)]
+    assert older.completion.finish_reason == "length" and older.completion.completion_tokens == 300
+    _settle(engine)
+
+
 # ---------------------------------------------------------------- serve --parallel
 
 

@@ -310,9 +310,34 @@ class Engine:
             self._free(slot, keep=False)
         return bool(idle)
 
+    def _make_room(self) -> None:
+        """Unified pool: before a step that would not fit, give up idle caches, then end the youngest sequences
+        (with an error that says why) until it fits, so that one sequence too many costs only itself."""
+        active = [s for s in self.slots if s.stream is not None]
+        pending = sum(len(s.pending) for s in active)
+
+        def need() -> int:
+            return sum(len(s.cached) for s in self.slots) + sum(1 for s in active if not s.pending) + \
+                min(pending, self.n_batch)
+
+        if need() <= self.n_ctx_seq:
+            return
+        self._evict_idle()
+        while need() > self.n_ctx_seq and len(active) > 1:
+            youngest = max(active, key=lambda s: s.seq)
+            assert youngest.stream is not None
+            youngest.stream._out.put(MarcoError(
+                f"the shared context ({self.n_ctx_seq} tokens, --kv-unified) is full with {len(active)} sequences; "
+                "retry, or ask for fewer tokens"))
+            pending -= len(youngest.pending)
+            self._free(youngest, keep=False)
+            active.remove(youngest)
+
     def _step(self) -> None:
         """One llama_decode: a token of every generating sequence, then prompt chunks in admission order."""
         lib, batch = self.lib, self.batch
+        if self.unified:
+            self._make_room()
         entries: list[tuple[int, int, int, bool]] = []  # (token, position, seq id, wants logits)
         outputs: list[tuple[_Slot, int]] = []  # (slot, index of its logits row in the batch)
         generating = [s for s in self.slots if s.stream is not None and not s.pending]
