@@ -155,6 +155,11 @@ def test_sampling_seeds_grammar_and_prefix_reuse(model, engine):
         assert sampled.result().text == single.text
         assert other.result().completion_tokens >= 1
         assert "n" in json.loads(constrained.result().text)
+    alone = model.complete(PROMPTS[0], max_tokens=12, temperature=0)
+    stop = alone.text[len(alone.text) // 2:][:3]  # a stop string from the middle of the greedy text
+    stopped = model.complete(PROMPTS[0], max_tokens=12, temperature=0, stop=[stop])
+    assert engine.complete(PROMPTS[0], max_tokens=12, temperature=0, stop=[stop]).text == stopped.text
+    assert stopped.finish_reason == "stop" and len(stopped.text) < len(alone.text)
     ids = model.tokenize(PROMPTS[2])
     first = engine.stream(ids, max_tokens=6, temperature=0)
     first.wait()

@@ -19,7 +19,9 @@ Sequences beyond N wait in a queue. A free slot is picked by the longest common 
 cached tokens and the new prompt (llama-server's slot similarity), so a conversation that comes back
 reuses its history instead of reading it again. So a finished sequence's cells stay for that purpose:
 with the split cache no other sequence could use them anyway; with the unified pool they are given up
-(idle slots' caches, all of them) as soon as a step finds no room. A cancelled sequence's cells go at once.
+(idle slots' caches, all of them) as soon as a step would not fit, and if it still would not, the youngest
+running sequences end with an error (one sequence too many costs only itself). A cancelled sequence's
+cells go at once.
 """
 
 from __future__ import annotations
