@@ -85,6 +85,7 @@ class EngineStream(TokenStream):
                     self.logprobs.append(lp)
                 yield token
         finally:
+            self._waiting.set()  # done reading: the engine need not wait for this reader
             self.cancel()  # a no-op when the engine already ended it
 
 
