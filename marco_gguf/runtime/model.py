@@ -519,5 +519,4 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
         from marco_gguf.runtime.lora import attach_loras
 
         llama.marco_loras = attach_loras(llama, [(Path(p), s) for p, s in lora], ARCHITECTURE)
-        llama.marco_lora_scales = [float(s) for _, s in lora]  # for the parallel engine's context
     return MarcoModel(llama, path, meta, Vocab(llama_model_get_vocab(llama.model), types), logits_all)
