@@ -25,7 +25,7 @@ ISA_NAMES = {"amx_int8": "amx", "amx_tile": "amx"}
 # what a rebuild gained where it was measured (BENCHMARKS.md, "Build profiles"): shown with the advice
 MEASURED_GAIN = {
     "cpu-avx512": "measured against the portable build on a 2-core AMD EPYC (Zen 4), 4-layer Marco-Nano-shaped "
-                  "Q4_K_M, 1 thread: prompt processing about +15 %, generation +4-7 % per CPU second "
+                  "Q4_K_M, 1 thread, quiet machine: prompt processing +15 %, generation +17 % "
                   "(BENCHMARKS.md, 'Build profiles')",
 }
 PROBE_CODE = """
