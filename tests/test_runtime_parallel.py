@@ -11,10 +11,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
 import pytest
 from test_runtime_server import (  # noqa: F401  (collected again here, against the parallel server)
-    _start,
+    openai_client,
+    serving,
     test_chat_completion_with_and_without_streaming,
     test_malformed_requests_get_4xx_and_the_server_keeps_running,
     test_text_completion,
@@ -70,15 +70,13 @@ def recording(engine):
 
 @pytest.fixture(scope="module")
 def base_url(model, recording):
-    srv, thread, url = _start(server.create_app(model, "marco-tiny", engine=recording))
-    yield url
-    srv.should_exit = True
-    thread.join(10)
+    with serving(server.create_app(model, "marco-tiny", engine=recording)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(base_url):
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(base_url)
 
 
 def _settle(engine) -> None:

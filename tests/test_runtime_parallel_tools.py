@@ -3,9 +3,8 @@ server tests of test_runtime_tools, collected again here against an app whose re
 
 from __future__ import annotations
 
-import openai
 import pytest
-from test_runtime_server import _start
+from test_runtime_server import openai_client, serving
 from test_runtime_tools import (  # noqa: F401  (collected again here, against the parallel server)
     model,
     qwen3_gguf,
@@ -20,13 +19,10 @@ from marco_gguf.runtime import server
 
 @pytest.fixture(scope="module")
 def base_url(model):  # noqa: F811  (model: the tools module's fixture)
-    with model.engine(2, unified=True) as engine:
-        srv, thread, url = _start(server.create_app(model, "marco-tiny", engine=engine))
+    with model.engine(2, unified=True) as engine, serving(server.create_app(model, "marco-tiny", engine=engine)) as url:
         yield url
-        srv.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
 def client(base_url):
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(base_url)

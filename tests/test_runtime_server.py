@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -37,17 +39,31 @@ def _start(app):
     return srv, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """A live server for `app` on a free loopback port, its base URL while the block runs."""
+    srv, thread, url = _start(app)
+    try:
+        yield url
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def openai_client(base_url: str, timeout: float = 120) -> openai.OpenAI:
+    """The official client as an app configures it, without retries (a retry would hide a failure)."""
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def base_url(model):
-    srv, thread, url = _start(server.create_app(model, "marco-tiny"))
-    yield url
-    srv.should_exit = True
-    thread.join(10)
+    with serving(server.create_app(model, "marco-tiny")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(base_url):
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(base_url, timeout=60)
 
 
 def test_models_and_health(client, base_url):

@@ -11,10 +11,9 @@ from pathlib import Path
 import httpx
 import jsonschema
 import numpy as np
-import openai
 import pytest
 from conftest import LLAMA_CPP_SRC, copy_checkpoint
-from test_runtime_server import _start
+from test_runtime_server import openai_client, serving
 from test_runtime_template import QWEN3_TEMPLATE
 from typer.testing import CliRunner
 
@@ -356,15 +355,13 @@ def test_tool_grammar_is_one_call_unless_parallel():
 
 @pytest.fixture(scope="module")
 def base_url(model):
-    srv, thread, url = _start(server.create_app(model, "marco-tiny"))
-    yield url
-    srv.should_exit = True
-    thread.join(10)
+    with serving(server.create_app(model, "marco-tiny")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(base_url):
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(base_url)
 
 
 def test_tool_round_trip_through_the_server(client, model, hf_tokenizer):
@@ -463,28 +460,26 @@ def test_reasoning_content_with_a_template_that_opens_thinking(qwen3_gguf):
     m = load_model(qwen3_gguf, n_ctx=512, threads=1)
     m.set_chat_template(QWEN3_TEMPLATE.replace("{{- '<|im_start|>assistant\\n' }}",
                                                "{{- '<|im_start|>assistant\\n<think>\\n' }}"))
-    srv, thread, url = _start(server.create_app(m, "thinker"))
     try:
-        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
-        kwargs = dict(model="thinker", messages=ASK, max_tokens=6, temperature=0)
-        raw = m.complete(m.render(ASK), max_tokens=6, temperature=0).text
-        split = c.chat.completions.create(**kwargs).choices[0].message
-        assert split.model_extra["reasoning_content"] == raw.strip() and not split.content
-        auto = c.chat.completions.create(**kwargs, extra_body={"reasoning_format": "auto"}).choices[0].message
-        assert auto.model_extra["reasoning_content"] == split.model_extra["reasoning_content"]
-        kept = c.chat.completions.create(**kwargs, extra_body={"reasoning_format": "none"}).choices[0].message
-        assert kept.content == raw and "reasoning_content" not in (kept.model_extra or {})
-        deltas = [ch.choices[0].delta for ch in c.chat.completions.create(stream=True, **kwargs) if ch.choices]
-        assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == raw.strip()
-        assert not "".join(d.content or "" for d in deltas)
-        # a grammar writes the whole reply: the JSON is the content even though the prompt opened a block
-        schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
-        js = c.chat.completions.create(**kwargs | {"max_tokens": 96}, response_format=schema).choices[0].message
-        jsonschema.validate(json.loads(js.content), PERSON)
-        assert not (js.model_extra or {}).get("reasoning_content")
+        with serving(server.create_app(m, "thinker")) as url:
+            c = openai_client(url, timeout=60)
+            kwargs = dict(model="thinker", messages=ASK, max_tokens=6, temperature=0)
+            raw = m.complete(m.render(ASK), max_tokens=6, temperature=0).text
+            split = c.chat.completions.create(**kwargs).choices[0].message
+            assert split.model_extra["reasoning_content"] == raw.strip() and not split.content
+            auto = c.chat.completions.create(**kwargs, extra_body={"reasoning_format": "auto"}).choices[0].message
+            assert auto.model_extra["reasoning_content"] == split.model_extra["reasoning_content"]
+            kept = c.chat.completions.create(**kwargs, extra_body={"reasoning_format": "none"}).choices[0].message
+            assert kept.content == raw and "reasoning_content" not in (kept.model_extra or {})
+            deltas = [ch.choices[0].delta for ch in c.chat.completions.create(stream=True, **kwargs) if ch.choices]
+            assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == raw.strip()
+            assert not "".join(d.content or "" for d in deltas)
+            # a grammar writes the whole reply: the JSON is the content even though the prompt opened a block
+            schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
+            js = c.chat.completions.create(**kwargs | {"max_tokens": 96}, response_format=schema).choices[0].message
+            jsonschema.validate(json.loads(js.content), PERSON)
+            assert not (js.model_extra or {}).get("reasoning_content")
     finally:
-        srv.should_exit = True
-        thread.join(10)
         m.close()
 
 
