@@ -292,7 +292,8 @@ def diagnose(model: Path | None = None, n_ctx: int = 4096) -> dict:
     report = {
         "llama_cpp": {"version": llama_cpp.__version__, "system_info": system_info, "features": info,
                       "backends": registered, "devices": devs,
-                      "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())},
+                      # llama_supports_gpu_offload() is true for any build with the RPC backend, GPU or not
+                      "gpu_offload": bool(gpus)},
         "host": asdict(host),
         "probe": probe,
         "kernels": kernels(info, host),
