@@ -81,7 +81,8 @@ def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
     return tensors
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from a checkpoint's or adapter's folder; one MarcoError for missing, broken or non-object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -106,7 +107,7 @@ class Checkpoint:
     def open(cls, path: Path) -> Checkpoint:
         if not path.is_dir():
             raise MarcoError(f"{path} is not a checkpoint folder")
-        config = _read_json(path / "config.json", "is this a Hugging Face checkpoint folder?")
+        config = read_json(path / "config.json", "is this a Hugging Face checkpoint folder?")
         if not (path / "tokenizer.json").is_file():
             raise MarcoError(f"{path} has no tokenizer.json: the tokenizer files are needed too")
         tensors = _locate_tensors(path)
@@ -135,7 +136,7 @@ class Checkpoint:
 def _locate_tensors(path: Path) -> dict[str, StoredTensor]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index, "").get("weight_map")
+        weight_map = read_json(index, "").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise MarcoError(f"{index} has no weight_map")
         files = sorted(set(weight_map.values()))

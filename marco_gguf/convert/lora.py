@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from marco_gguf.convert.checkpoint import DTYPES, StoredTensor, read_safetensors_header
+from marco_gguf.convert.checkpoint import DTYPES, StoredTensor, read_json, read_safetensors_header
 from marco_gguf.convert.plan import HFWeight, Part, PlannedTensor
 from marco_gguf.errors import MarcoError
 from marco_gguf.host import read_into
@@ -127,14 +127,7 @@ def open_adapter(spec: LoraSpec) -> Adapter:
     if not path.is_dir():
         raise MarcoError(f"LoRA adapter {path} is not a folder (expected adapter_config.json and "
                          "adapter_model.safetensors)")
-    try:
-        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MarcoError(f"LoRA adapter {path} has no adapter_config.json") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MarcoError(f"LoRA adapter {path}: adapter_config.json is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise MarcoError(f"LoRA adapter {path}: adapter_config.json is not a JSON object")
+    config = read_json(path / "adapter_config.json", "is this a PEFT LoRA adapter folder?")
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         other = " (adapter_model.bin is not read: save it with safe_serialization=True)" \
