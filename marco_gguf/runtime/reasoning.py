@@ -8,7 +8,7 @@ enable_thinking false Qwen3's writes an empty `<think>\\n\\n</think>\\n\\n` ther
 
 from __future__ import annotations
 
-from marco_gguf.runtime.toolcalls import Delta, held_prefix
+from marco_gguf.runtime.toolcalls import Delta, held_prefix, hold_whitespace
 
 OPEN, CLOSE = "<think>", "</think>"
 FORMATS = ("deepseek", "auto", "none")  # llama-server's reasoning_format values we honour ("auto": deepseek)
@@ -39,14 +39,7 @@ class ReasoningParser:
         self._fresh = True  # no reasoning text emitted yet: leading whitespace is layout
 
     def _reasoning(self, text: str, out: list[Delta]) -> None:
-        if self._fresh:
-            text = text.lstrip()
-            if not text:
-                return
-            self._fresh = False
-        text = self._ws + text
-        body = text.rstrip()
-        self._ws = text[len(body):]
+        body, self._ws, self._fresh = hold_whitespace(text, self._ws, self._fresh)
         if body:
             out.append(Delta("reasoning", body))
 

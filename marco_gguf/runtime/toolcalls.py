@@ -24,6 +24,22 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
+def hold_whitespace(text: str, held: str, skip_leading: bool) -> tuple[str, str, bool]:
+    """One streamed piece of text, whitespace-trimmed as a whole reply would be: (text to emit now,
+    trailing whitespace held back until more text follows, whether leading whitespace is still skipped).
+
+    Leading whitespace is dropped after a boundary (the start of reasoning, the end of a tool call), and
+    trailing whitespace waits, since a block or the end of the reply may follow it.
+    """
+    if skip_leading:
+        text = text.lstrip()
+        if not text:
+            return "", held, True
+    text = held + text
+    body = text.rstrip()
+    return body, text[len(body):], False
+
+
 @dataclasses.dataclass(frozen=True)
 class ToolCall:
     """One function call: arguments are JSON text, as OpenAI sends them."""
@@ -94,14 +110,7 @@ class ToolCallParser:
         self._after_call = False
 
     def _content(self, text: str, out: list[Delta]) -> None:
-        if self._after_call:
-            text = text.lstrip()
-            if not text:
-                return
-            self._after_call = False
-        text = self._ws + text
-        body = text.rstrip()
-        self._ws = text[len(body):]
+        body, self._ws, self._after_call = hold_whitespace(text, self._ws, self._after_call)
         if body:
             out.append(Delta("content", body))
 
