@@ -9,7 +9,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
+from marco_gguf.memory import Footprint
 from marco_gguf.quantize.recipe import tensor_class
 
 CLASS_GROUP = {"expert_gate": "experts gate", "expert_up": "experts up", "expert_down": "experts down",
@@ -73,4 +75,19 @@ def inspect_file(path: Path) -> dict:
         "tensors": table,
         "total": {"tensors": len(reader.tensors), "weights": weights, "bytes": nbytes,
                   "bpw": 8 * nbytes / max(weights, 1)},
+        "per_token": per_token_reads(path),
     }
+
+
+def per_token_reads(path: Path) -> dict | None:
+    """Bytes one generated token reads on the CPU (memory.Footprint: the active experts' share, every other
+    weight, one embedding row; KV cache not counted), for the trained experts per token and the speed dial's
+    fewer. None for a file without the hyper-parameters to tell."""
+    try:
+        fp = Footprint.of(path)
+    except (MarcoError, KeyError, ValueError):
+        return None
+    trained = fp.n_expert_used
+    ks = [k for k in dict.fromkeys((trained, trained * 3 // 4, trained // 2)) if k >= 1] if trained else [0]
+    return {"experts_per_token": trained, "tied_output": fp.tied_output,
+            "bytes": {str(k): fp.with_experts(k or None).bytes_per_token() for k in ks}}

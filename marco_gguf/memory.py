@@ -5,6 +5,7 @@ Used to plan (doctor, --fit-ram) and to bound speed (bench: bytes read per gener
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,10 @@ class Footprint:
             weight_bytes=sum(sizes.values()), expert_bytes=experts,
             embedding_bytes=sizes.get("token_embd.weight", 0), tied_output="output.weight" not in sizes,
         )
+
+    def with_experts(self, k: int | None) -> Footprint:
+        """The footprint when each token runs k experts instead of the file's count (None: unchanged)."""
+        return dataclasses.replace(self, n_expert_used=k) if k else self
 
     def kv_bytes(self, n_ctx: int, kv_type: str = "f16") -> int:
         return kv_cache_bytes(n_ctx, self.n_layer, self.n_head_kv, self.key_length, self.value_length, kv_type)

@@ -10,6 +10,7 @@ experts), since that is how much of each token's computation its error touches.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -141,8 +142,8 @@ def fit_to_budget(jobs: list[TensorJob], base: Recipe, budget: int, overhead: in
     types = dict(base.types) | {cls: (t,) for cls, t in chosen.items()}
     if tied and "output" in chosen:
         types["token_embd"] = (chosen["output"],)
-    recipe = Recipe(f"{base.name}-fit-{format_bytes(budget).replace(' ', '')}", types, {}, base.overrides,
-                    base.file_type)
+    recipe = dataclasses.replace(base, name=f"{base.name}-fit-{format_bytes(budget).replace(' ', '')}", types=types,
+                                 more_bits={})
     for job in jobs:
         job.type = recipe.type_for(job.name, job.shape, n_layer, tied)
     return recipe, classes

@@ -9,6 +9,7 @@ bigger one. Marco-Mini's 768-wide rows take the k-quant.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -57,6 +58,11 @@ class Recipe:
     more_bits: dict[str, tuple[str, ...]] = field(default_factory=dict)
     overrides: tuple[tuple[str, str], ...] = ()
     file_type: FT = FT.GUESSED
+    # A tied embedding written twice: token_embd (one row read per token) keeps the `token_embd` class's
+    # type and output.weight (read whole for every token) takes the `output` class's, so the output
+    # layer can be smaller (fewer bytes per token) and, on the CPU, use llama.cpp's repacked kernels,
+    # which the tied embedding (an input-layer tensor) never gets. The file grows by the output matrix.
+    untie_output: bool = False
 
     def with_overrides(self, specs: list[str]) -> Recipe:
         """Add llama-quantize style `--tensor-type PATTERN=TYPE` overrides (regex, searched in the name)."""
@@ -70,7 +76,10 @@ class Recipe:
             except re.error as exc:
                 raise MarcoError(f"--tensor-type {spec!r}: bad regular expression ({exc})") from None
             extra.append((pattern, ggml.parse_type(type_name).name))
-        return Recipe(self.name, self.types, self.more_bits, self.overrides + tuple(extra), self.file_type)
+        return dataclasses.replace(self, overrides=self.overrides + tuple(extra))
+
+    def untied(self, on: bool = True) -> Recipe:
+        return dataclasses.replace(self, untie_output=on) if on != self.untie_output else self
 
     def type_for(self, name: str, shape: tuple[int, ...], n_layer: int, tied: bool) -> T:
         """The type of one tensor; an override that cannot hold the tensor's rows is a MarcoError."""
@@ -103,7 +112,8 @@ class Recipe:
         """The recipe as the TOML that --recipe reads back."""
         def table(d: dict[str, tuple[str, ...]]) -> str:
             return "".join(f'{k} = [{", ".join(repr(v) for v in vs)}]\n'.replace("'", '"') for k, vs in d.items())
-        text = f'name = "{self.name}"\n\n[types]\n{table(self.types)}'
+        text = f'name = "{self.name}"\n' + ("untie_output = true\n" if self.untie_output else "")
+        text += f'\n[types]\n{table(self.types)}'
         if self.more_bits:
             text += f"\n[more_bits]\n{table(self.more_bits)}"
         if self.overrides:
@@ -170,6 +180,15 @@ PRESETS = {
                       attn_output="Q4_K", more_bits={"expert_down": ("Q5_K", "Q4_0")}),
     "Q2_K": _preset("Q2_K", FT.MOSTLY_Q2_K, "Q2_K", ("Q3_K", "IQ4_NL"), "Q3_K", "Q4_K", "Q6_K"),
     "IQ4_XS": _preset("IQ4_XS", FT.MOSTLY_IQ4_XS, "IQ4_XS", ("IQ4_XS", "IQ4_NL"), "IQ4_XS", "Q5_K", "Q6_K"),
+    # Phone presets: one 32-block type for every expert and attention matrix, the types whose kernels
+    # phones run fastest: llama.cpp's ARM CPU backend repacks Q4_0 and IQ4_NL (dotprod/i8mm), and the
+    # GPU/NPU backends phones use (OpenCL on Adreno, Vulkan, Hexagon) support Q4_0 first. Made from the bf16
+    # checkpoint in one pass, not requantized from a Q8_0 as published phone files are. Marco-aware where it
+    # is cheap: attention V (1/6 of attention, 0.4% of the weights) at Q8_0, as V at Q5_K was Q4_K_M's
+    # cheapest large gain; the router stays f32; the tied embedding/output at Q6_K, as llama-quantize does.
+    # IQ4_NL is the more accurate 4.5-bit type with an imatrix but ggml quantizes it ~80x slower than Q4_0.
+    "Q4_0": _preset("Q4_0", FT.MOSTLY_Q4_0, "Q4_0", ("Q4_0",), "Q4_0", "Q8_0", "Q6_K"),
+    "IQ4_NL": _preset("IQ4_NL", FT.MOSTLY_IQ4_NL, "IQ4_NL", ("IQ4_NL",), "IQ4_NL", "Q8_0", "Q6_K"),
     # IQ3_M and IQ2_M need an importance matrix (convert refuses them without one): IQ grids are fitted
     # with importance weights. Gate/up take IQ3_S (3.44 bpw) / IQ2_S (2.56); no IQ or k-quant fits 384-wide
     # down projections and no 32-block type has fewer than 4.25 bits, so those take IQ4_NL, the most
@@ -192,7 +211,7 @@ def preset(name: str) -> Recipe:
 
 
 def load_recipe(path: Path) -> Recipe:
-    """A recipe from TOML: name, [types] and [more_bits] (class = type or [types]), [tensor_types]."""
+    """A recipe from TOML: name, untie_output, [types] and [more_bits] (class = type or [types]), [tensor_types]."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -209,5 +228,8 @@ def load_recipe(path: Path) -> Recipe:
             out[cls] = tuple(ggml.parse_type(n).name for n in names)
         return out
 
-    base = Recipe(str(data.get("name", path.stem)), table("types"), table("more_bits"))
+    untie = data.get("untie_output", False)
+    if not isinstance(untie, bool):
+        raise MarcoError(f"recipe {path.name}: untie_output must be true or false")
+    base = Recipe(str(data.get("name", path.stem)), table("types"), table("more_bits"), untie_output=untie)
     return base.with_overrides([f"{p}={t}" for p, t in (data.get("tensor_types") or {}).items()])

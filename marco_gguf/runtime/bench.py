@@ -19,6 +19,7 @@ import numpy as np
 from marco_gguf.errors import MarcoError
 from marco_gguf.host import default_threads
 from marco_gguf.memory import Footprint
+from marco_gguf.runtime.experts import expert_override, override_array
 from marco_gguf.runtime.placement import apply_params, cpu_overrides, expert_patterns
 from marco_gguf.runtime.rpc import model_devices
 
@@ -36,6 +37,7 @@ class Settings:
     n_cpu_moe: int = 0
     flash_attn: bool = False  # as load_model's default; llama-bench: -fa 0
     rpc: tuple[str, ...] = ()  # llama.cpp RPC workers (HOST:PORT); their layers: all, unless n_gpu_layers says
+    experts_per_token: int | None = None  # None: the trained count (runtime/experts.py)
 
 
 @dataclass
@@ -122,10 +124,10 @@ def checked(rate: float | None, done: Any) -> float:
 def placement_kwargs(s: Settings) -> dict:
     """Expert placement for load_model, passed only when asked for."""
     return {k: v for k, v in (("experts_on_cpu", s.experts_on_cpu), ("n_cpu_moe", s.n_cpu_moe),
-                              ("rpc", list(s.rpc))) if v}
+                              ("rpc", list(s.rpc)), ("experts_per_token", s.experts_per_token)) if v}
 
 
-def raw_runner(path: Path, s: Settings) -> Runner:
+def raw_runner(path: Path, s: Settings, kv_overrides: dict[str, int] | None = None) -> Runner:
     """llama.cpp's own decode loop through its C API, as llama-bench runs it: one llama_decode of n_prompt
     random tokens for pp, n_gen single-token llama_decode calls for tg, each from an empty KV cache."""
     import llama_cpp as ll
@@ -139,6 +141,9 @@ def raw_runner(path: Path, s: Settings) -> Runner:
     overrides = cpu_overrides(expert_patterns(s.experts_on_cpu, s.n_cpu_moe))
     devices = model_devices() if s.rpc else None
     apply_params(mparams, overrides, devices)
+    kv = override_array(kv_overrides or {})
+    if kv is not None:
+        mparams.kv_overrides = kv
     t0 = time.perf_counter()
     model = ll.llama_model_load_from_file(str(path).encode(), mparams)
     if not model:
@@ -236,7 +241,8 @@ def run_bench(path: Path | str, s: Settings) -> dict:
     from marco_gguf.runtime.model import check_gguf
 
     path = Path(path)
-    check_gguf(path)
+    meta = check_gguf(path)
+    kv_overrides, warnings = expert_override(meta, s.experts_per_token)
     if s.n_prompt < 1 or s.n_gen < 1 or s.repetitions < 1:
         raise MarcoError("-p, -n and --repetitions must be at least 1")
     threads = s.threads or default_threads()
@@ -245,11 +251,11 @@ def run_bench(path: Path | str, s: Settings) -> dict:
 
         add_workers(list(s.rpc))
     s = Settings(**{**asdict(s), "threads": threads, "n_gpu_layers": s.n_gpu_layers or (-1 if s.rpc else 0)})
-    footprint = Footprint.of(path)
+    footprint = Footprint.of(path).with_experts(s.experts_per_token)
     runners = [api_runner(path, s)]
     rss = peak_rss()  # the API's model loaded, before the second copy for the raw loop
     try:
-        runners.append(raw_runner(path, s))
+        runners.append(raw_runner(path, s, kv_overrides))
         api, raw = measure(runners, s.repetitions)
     finally:
         for r in runners:
@@ -265,6 +271,7 @@ def run_bench(path: Path | str, s: Settings) -> dict:
         "peak_rss": rss,
         "host_bytes_per_token": per_token, "read_bandwidth": bandwidth, "tg_bound": bound,
         "tg_of_bound": {"api": api.tg / bound, "llama_cpp": raw.tg / bound} if bound else None,
+        "warnings": warnings,
     }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from marco_gguf.app import command, print_json
 from marco_gguf.errors import MarcoError
@@ -63,6 +64,10 @@ Parallel = Annotated[int, typer.Option(
 KvUnified = Annotated[bool, typer.Option(
     "--kv-unified", help="With --parallel: one KV pool all sequences share (each may use the whole --ctx while "
     "the sum fits) instead of an even split.", rich_help_panel=LOAD)]
+ExpertsPerToken = Annotated[int | None, typer.Option(
+    "--experts-per-token", min=1, help="Experts each token runs (default: the trained count, 8 on Marco). "
+    "Fewer read fewer bytes per token: faster generation, lower quality (BENCHMARKS.md has the trade).",
+    rich_help_panel=LOAD)]
 LoraScale = Annotated[list[float] | None, typer.Option("--lora-scale", help="Strength of the --lora adapters: once "
                                                        "for all, or once per --lora (default 1).",
                                                        rich_help_panel=LOAD)]
@@ -72,14 +77,16 @@ def _load(path: Path, ctx: int | None, threads: int | None, gpu_layers: int = 0,
           kv_type: str = "f16", mmap: bool = True, mlock: bool = False, template: Path | None = None,
           vocab_only: bool = False, experts_on_cpu: bool = False, n_cpu_moe: int = 0,
           rpc: str | None = None, lora: list[Path] | None = None,
-          lora_scale: list[float] | None = None) -> MarcoModel:
+          lora_scale: list[float] | None = None, experts_per_token: int | None = None) -> MarcoModel:
     from marco_gguf.convert.lora import pair_scales
     from marco_gguf.runtime.rpc import parse_endpoints
 
     model = load_model(path, n_ctx=ctx, threads=threads, n_gpu_layers=gpu_layers, flash_attn=flash_attn,
                        kv_type=kv_type, mmap=mmap, mlock=mlock, vocab_only=vocab_only,
                        experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=parse_endpoints(rpc),
-                       lora=pair_scales(lora, lora_scale))
+                       lora=pair_scales(lora, lora_scale), experts_per_token=experts_per_token)
+    for warning in model.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if template is not None:
         model.set_chat_template(template.read_text(encoding="utf-8"))
     return model
@@ -123,7 +130,7 @@ def chat(
                                                    "(default: until the end of the turn).")] = None,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
     experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0, rpc: Rpc = None,
-    lora: Lora = None, lora_scale: LoraScale = None,
+    lora: Lora = None, lora_scale: LoraScale = None, experts_per_token: ExpertsPerToken = None,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
     chat_template_kwargs: TemplateKwargs = None,
     temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
@@ -134,7 +141,8 @@ def chat(
 
     kwargs = _template_kwargs(chat_template_kwargs)
     model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
-                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora, lora_scale=lora_scale)
+                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora, lora_scale=lora_scale,
+                  experts_per_token=experts_per_token)
     model.render([{"role": "user", "content": "hi"}], **kwargs)  # no template: fail now, not at the first message
     session = ChatSession(model, system, _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy,
                                                    max_tokens), kwargs, tools=_read_json(tools, "--tools", list))
@@ -179,7 +187,7 @@ def run(
                                                      "that validates against it (constrained decoding).")] = None,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
     experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0, rpc: Rpc = None,
-    lora: Lora = None, lora_scale: LoraScale = None,
+    lora: Lora = None, lora_scale: LoraScale = None, experts_per_token: ExpertsPerToken = None,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
     chat_template_kwargs: TemplateKwargs = None,
     temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
@@ -192,7 +200,8 @@ def run(
         raise typer.BadParameter("--output and --parallel go with --file (batch mode)")
     if file is not None:
         _run_batch(model_path, file, output, parallel, kv_unified, max_tokens, as_chat, as_json, json_schema,
-                   ctx, threads, gpu_layers, flash_attn, experts_on_cpu, n_cpu_moe, rpc, lora, lora_scale, kv_type,
+                   ctx, threads, gpu_layers, flash_attn, experts_on_cpu, n_cpu_moe, rpc, lora, lora_scale,
+                   experts_per_token, kv_type,
                    mmap, mlock, chat_template, chat_template_kwargs, temp, top_p, top_k, min_p, repeat_penalty,
                    seed, greedy)
         return
@@ -204,7 +213,8 @@ def run(
     kwargs = _template_kwargs(chat_template_kwargs)
     schema = _read_json(json_schema, "--json-schema", dict)
     model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
-                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora, lora_scale=lora_scale)
+                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora, lora_scale=lora_scale,
+                  experts_per_token=experts_per_token)
     sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy, max_tokens)
     text = model.render([{"role": "user", "content": prompt}], **kwargs) if as_chat else prompt
     stream = model.stream(text, sampling, json_schema=schema)
@@ -229,7 +239,8 @@ def run(
 def _run_batch(model_path: Path, file: Path, output: Path | None, parallel: int, kv_unified: bool, max_tokens: int,
                as_chat: bool, as_json: bool, json_schema: Path | None, ctx: int | None, threads: int | None,
                gpu_layers: int, flash_attn: bool, experts_on_cpu: bool, n_cpu_moe: int, rpc: str | None,
-               lora: list[Path] | None, lora_scale: list[float] | None, kv_type: str, mmap: bool, mlock: bool,
+               lora: list[Path] | None, lora_scale: list[float] | None, experts_per_token: int | None,
+               kv_type: str, mmap: bool, mlock: bool,
                chat_template: Path | None, chat_template_kwargs: str | None, temp: float | None,
                top_p: float | None, top_k: int | None, min_p: float | None, repeat_penalty: float | None,
                seed: int | None, greedy: bool) -> None:
@@ -252,7 +263,8 @@ def _run_batch(model_path: Path, file: Path, output: Path | None, parallel: int,
     kwargs = _template_kwargs(chat_template_kwargs)
     schema = _read_json(json_schema, "--json-schema", dict)
     model = _load(model_path, ENGINE_HOST_CTX, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
-                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora, lora_scale=lora_scale)
+                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora, lora_scale=lora_scale,
+                  experts_per_token=experts_per_token)
     sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy, max_tokens)
     if schema is not None:
         sampling = sampling.replace(grammar=json_schema_grammar(schema))
@@ -386,7 +398,7 @@ def serve(
     parallel: Parallel = 1, kv_unified: KvUnified = False,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
     experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0, rpc: Rpc = None,
-    lora: Lora = None, lora_scale: LoraScale = None,
+    lora: Lora = None, lora_scale: LoraScale = None, experts_per_token: ExpertsPerToken = None,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
     chat_template_kwargs: TemplateKwargs = None,
     temp: Temp = None, top_p: TopP = None, top_k: TopK = None, min_p: MinP = None,
@@ -403,7 +415,7 @@ def serve(
     with server.bind(host, port) as sock:  # before the (slow) load: a port in use fails at once
         model = _load(model_path, ENGINE_HOST_CTX if parallel > 1 else ctx, threads, gpu_layers, flash_attn,
                       kv_type, mmap, mlock, chat_template, experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe,
-                      rpc=rpc, lora=lora, lora_scale=lora_scale)
+                      rpc=rpc, lora=lora, lora_scale=lora_scale, experts_per_token=experts_per_token)
         model.sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, False, None)
         engine = model.engine(parallel, _engine_ctx(model, ctx), unified=kv_unified) if parallel > 1 else None
         try:

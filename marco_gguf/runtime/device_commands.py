@@ -137,6 +137,8 @@ def bench(
                                            "memory.")] = 0,
     rpc: Annotated[str | None, typer.Option("--rpc", help="llama.cpp RPC workers HOST:PORT[,HOST:PORT] "
                                             "(`marco-gguf rpc-server`); layers go to them.")] = None,
+    experts_per_token: Annotated[int | None, typer.Option(
+        "--experts-per-token", min=1, help="Experts each token runs (default: the trained count).")] = None,
     as_json: Json = False,
 ) -> None:
     """Tokens/s of the Python API against llama.cpp's raw decode loop, and against the memory-bandwidth bound."""
@@ -147,9 +149,11 @@ def bench(
     from marco_gguf.runtime.rpc import parse_endpoints
 
     settings = Settings(n_prompt, n_gen, repetitions, threads, n_gpu_layers, experts_on_cpu, n_cpu_moe,
-                        rpc=tuple(parse_endpoints(rpc)))
+                        rpc=tuple(parse_endpoints(rpc)), experts_per_token=experts_per_token)
     with err.status("benchmarking: the Python API, then llama.cpp's decode loop"):
         result = run_bench(model, settings)
+    for warning in result["warnings"]:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if as_json:
         print_json(result)
     else:
@@ -158,8 +162,9 @@ def bench(
 
 def show_bench(r: dict) -> None:
     s, api, raw = r["settings"], r["api"], r["llama_cpp"]
+    k = f", {s['experts_per_token']} experts per token" if s.get("experts_per_token") else ""
     table = Table("", "Python API", "llama.cpp decode loop", "ratio",
-                  title=f"{Path(r['model']).name}, {s['threads']} threads, median of {s['repetitions']}")
+                  title=f"{Path(r['model']).name}, {s['threads']} threads{k}, median of {s['repetitions']}")
     table.add_row(f"pp{s['n_prompt']} tokens/s", f"{api['pp']:.1f}", f"{raw['pp']:.1f}", f"{r['ratio']['pp']:.3f}")
     table.add_row(f"tg{s['n_gen']} tokens/s", f"{api['tg']:.2f}", f"{raw['tg']:.2f}", f"{r['ratio']['tg']:.3f}")
     cpu = r["cpu_time_ratio"]

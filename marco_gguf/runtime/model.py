@@ -21,6 +21,7 @@ from gguf import Keys
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
 from marco_gguf.host import default_threads
+from marco_gguf.runtime.experts import expert_override
 from marco_gguf.runtime.grammar import (
     forced_tool,
     json_schema_grammar,
@@ -248,6 +249,9 @@ class MarcoModel:
         self.vocab = vocab
         self.logits_all = logits_all
         self.name = str(meta.get("general.name") or path.stem)
+        self.warnings: list[str] = []  # for the caller to show (load_model's choices); the library prints nothing
+        self.experts_trained = int(meta.get(f"{ARCHITECTURE}.expert_used_count") or 0)
+        self.experts_per_token = self.experts_trained  # what llama.cpp runs (load_model's experts_per_token)
         self.n_ctx_train = int(meta.get(f"{ARCHITECTURE}.context_length") or 0)
         self.sampling = Sampling.from_metadata(meta)
         self.special_tokens = self._special_tokens()
@@ -456,7 +460,7 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
                logits_all: bool = False, kv_type: str = "f16", flash_attn: bool = False, mmap: bool = True,
                mlock: bool = False, n_batch: int = 512, vocab_only: bool = False, experts_on_cpu: bool = False,
                n_cpu_moe: int = 0, rpc: list[str] | None = None,
-               lora: list[tuple[Path | str, float]] | None = None) -> MarcoModel:
+               lora: list[tuple[Path | str, float]] | None = None, experts_per_token: int | None = None) -> MarcoModel:
     """Load a Marco GGUF with llama.cpp.
 
     n_ctx defaults to min(4096, the trained context); a longer one than the model was trained for
@@ -467,6 +471,8 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
     workers (HOST:PORT, `marco-gguf rpc-server`): the offloaded layers are split across them, all of
     them when n_gpu_layers is left at 0. lora lists (adapter GGUF, scale) pairs applied at run time
     (`marco-gguf export-lora` makes them; runtime/lora.py says why not Llama's lora_path).
+    experts_per_token runs that many experts per token instead of the trained count (runtime/experts.py);
+    the model's `warnings` then say so.
     """
     path = Path(path)
     meta = check_gguf(path)
@@ -489,6 +495,7 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
         raise MarcoError(f"unknown KV-cache type {kv_type!r}; choose from {', '.join(KV_TYPES)}")
     if kv_type in ("q8_0", "q4_0") and not flash_attn:
         raise MarcoError(f"a {kv_type} KV cache needs flash attention (--flash-attn)")
+    kv_overrides, warnings = expert_override(meta, experts_per_token)
     threads = threads or default_threads()
     try:
         from llama_cpp import Llama, llama_model_get_vocab
@@ -508,7 +515,7 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
             llama = Llama(str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=threads,
                           n_threads_batch=threads, n_gpu_layers=n_gpu_layers, logits_all=logits_all,
                           type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], flash_attn=flash_attn,
-                          use_mmap=mmap, use_mlock=mlock, verbose=False)
+                          use_mmap=mmap, use_mlock=mlock, kv_overrides=kv_overrides or None, verbose=False)
         llama.marco_buft_overrides = overrides  # llama.cpp keeps a pointer to the array: keep it alive
         llama.marco_devices = devices
     except ValueError as exc:
@@ -519,4 +526,7 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
         from marco_gguf.runtime.lora import attach_loras
 
         llama.marco_loras = attach_loras(llama, [(Path(p), s) for p, s in lora], ARCHITECTURE)
-    return MarcoModel(llama, path, meta, Vocab(llama_model_get_vocab(llama.model), types), logits_all)
+    model = MarcoModel(llama, path, meta, Vocab(llama_model_get_vocab(llama.model), types), logits_all)
+    model.warnings = warnings
+    model.experts_per_token = experts_per_token or model.experts_trained
+    return model
