@@ -20,9 +20,6 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
 from marco_gguf.convert import convert  # noqa: E402
 from marco_gguf.demo import copy_tokenizer, data_path  # noqa: E402
 from marco_gguf.quantize.recipe import uniform  # noqa: E402
@@ -44,8 +41,21 @@ CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + 
           "{%- endif %}")
 
 
-def build_model(seed: int = 0, dtype=torch.bfloat16, **overrides):
+def need_torch():
+    """torch, or a skip of the one test that needs it (torch comes with the `calibrate` extra; the tests that
+    do not run the reference model, build a checkpoint with transformers or import torch run without it)."""
+    return pytest.importorskip("torch")
+
+
+def torch_dtype(dtype):
+    """A torch dtype from its name ('bfloat16') or itself."""
+    return getattr(need_torch(), dtype) if isinstance(dtype, str) else dtype
+
+
+def build_model(seed: int = 0, dtype="bfloat16", **overrides):
     """A random Qwen3MoeForCausalLM with weights rounded to `dtype` (kept in f32 for reference runs)."""
+    torch, dtype = need_torch(), torch_dtype(dtype)
+    transformers = pytest.importorskip("transformers")
     config = transformers.Qwen3MoeConfig(**(TINY | overrides))
     torch.manual_seed(seed)
     model = transformers.Qwen3MoeForCausalLM(config)
@@ -63,17 +73,19 @@ def build_model(seed: int = 0, dtype=torch.bfloat16, **overrides):
     return model.eval()
 
 
-def save_per_expert(model, folder: Path, dtype=torch.bfloat16) -> Path:
+def save_per_expert(model, folder: Path, dtype="bfloat16") -> Path:
     """transformers' own save_pretrained: one 2-D tensor per expert, one file, template in tokenizer_config."""
+    dtype = torch_dtype(dtype)
     copy.deepcopy(model).to(dtype).save_pretrained(folder)  # a copy: .to() would round the RoPE buffers too
     copy_tokenizer(folder)
     return folder
 
 
-def save_fused(model, folder: Path, dtype=torch.float16, shards: int = 2) -> Path:
+def save_fused(model, folder: Path, dtype="float16", shards: int = 2) -> Path:
     """Fused 3-D experts, sharded with an index, old config key names, template in chat_template.jinja."""
     from safetensors.torch import save_file
 
+    dtype = torch_dtype(dtype)
     folder.mkdir(parents=True)
     state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
     names = sorted(state)
@@ -100,6 +112,7 @@ def save_fused(model, folder: Path, dtype=torch.float16, shards: int = 2) -> Pat
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run as fast on one torch thread, and steadily beside llama.cpp's threads."""
+    torch = need_torch()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -119,7 +132,7 @@ def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def untied_model():
-    return build_model(seed=1, dtype=torch.float16, tie_word_embeddings=False)
+    return build_model(seed=1, dtype="float16", tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="session")
@@ -171,6 +184,8 @@ def one_prompt_per_language(prompts) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def hf_tokenizer():
+    """Hugging Face's tokenizer for the bundled files (transformers, from the `test` extra, runs it without torch)."""
+    transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(data_path("tokenizer")))
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import torch
-from conftest import copy_checkpoint
+from conftest import copy_checkpoint, need_torch
 
 from marco_gguf.convert import convert
 from marco_gguf.gguf_file import GGUFFile
@@ -25,6 +24,7 @@ F32_BOUND = 1e-4
 
 
 def reference_logits(model, ids: list[int]) -> np.ndarray:
+    torch = need_torch()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
 

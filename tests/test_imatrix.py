@@ -9,7 +9,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import torch
 from conftest import build_model, save_per_expert
 from gguf import GGMLQuantizationType as T
 from llama_tools import llama_quantize, tensor_bytes
@@ -25,6 +24,7 @@ from marco_gguf.quantize import ggml
 from marco_gguf.quantize.imatrix import load_imatrix, read_imatrix, write_imatrix
 from marco_gguf.quantize.recipe import Recipe, preset
 
+torch = pytest.importorskip("torch")  # every test here runs the torch reference (the calibrate extra)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CALIBRATION_TOKENS = 620  # 20 tokens in each of the 31 languages

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import copy_checkpoint
 from test_convert import F32_BOUND, compare
 
@@ -26,6 +25,7 @@ from marco_gguf.quantize.from_gguf import quantize_file
 from marco_gguf.quantize.recipe import preset, uniform
 from marco_gguf.runtime.model import load_model
 
+torch = pytest.importorskip("torch")  # every test here checks against PEFT, which runs on torch
 peft = pytest.importorskip("peft")
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]

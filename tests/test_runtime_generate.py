@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import need_torch
 
 from marco_gguf.errors import MarcoError
 from marco_gguf.runtime.model import load_model
@@ -21,6 +21,7 @@ def model(tiny_f32):
 
 def test_greedy_generation_matches_transformers(model, tiny_model):
     """Greedy tokens through the chat template equal transformers' greedy generate on the same weights."""
+    torch = need_torch()
     prompt_ids = model.tokenize(model.render(MESSAGES), special=True)
     stream = model.stream(prompt_ids, temperature=0, max_tokens=10)
     pieces = list(stream)
