@@ -15,13 +15,20 @@ from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
 from marco_gguf.quantize.recipe import tensor_class
 
-COMPUTE_OVERHEAD = 128 * 2**20  # scheduler, graph and runtime allocations beside the logits buffer
-N_UBATCH = 512  # llama.cpp's default micro-batch: the compute buffer holds its logits
+COMPUTE_OVERHEAD = 128 * 2**20  # scheduler, graph and runtime allocations beside the largest buffer
+N_UBATCH = 512  # llama.cpp's default micro-batch
 
 
-def compute_bytes(n_vocab: int) -> int:
-    """llama.cpp's compute buffers: it reserves logits for a whole micro-batch, plus its overhead."""
-    return N_UBATCH * n_vocab * 4 + COMPUTE_OVERHEAD
+def compute_bytes(n_vocab: int, n_ctx: int = 0, n_head: int = 0) -> int:
+    """llama.cpp's compute buffer without flash attention (the runtime's default) for one micro-batch of
+    min(N_UBATCH, n_ctx) tokens: the larger of its logits (n_vocab f32 per token) and one layer's attention
+    scores (n_ctx f32 per token and head, and the f16 mask), which llama.cpp's graph allocator lays over each
+    other, plus COMPUTE_OVERHEAD. Long contexts make the scores the larger (Marco-Nano's 16 heads: from about
+    9k tokens). tests/test_doctor.py holds it within 128 MiB above what llama.cpp allocates."""
+    tokens = min(N_UBATCH, n_ctx) if n_ctx else N_UBATCH
+    logits = tokens * n_vocab * 4
+    scores = tokens * n_ctx * (4 * n_head + 2)
+    return max(logits, scores) + COMPUTE_OVERHEAD
 
 
 def kv_cache_bytes(n_ctx: int, n_layer: int, n_head_kv: int, key_length: int, value_length: int,
@@ -37,6 +44,7 @@ class Footprint:
 
     n_layer: int
     n_vocab: int
+    n_head: int
     n_head_kv: int
     key_length: int
     value_length: int
@@ -64,7 +72,7 @@ class Footprint:
         experts = sum(t.nbytes for t in gf.tensors if tensor_class(t.name, len(t.shape)).startswith("expert_"))
         embedding = next((t for t in gf.tensors if t.name == "token_embd.weight"), None)
         return cls(
-            n_layer=hp("block_count"), n_vocab=embedding.shape[0] if embedding else 0,
+            n_layer=hp("block_count"), n_vocab=embedding.shape[0] if embedding else 0, n_head=n_head,
             n_head_kv=hp("attention.head_count_kv", n_head),
             key_length=hp("attention.key_length", head_dim), value_length=hp("attention.value_length", head_dim),
             n_expert=hp("expert_count", 0), n_expert_used=hp("expert_used_count", 0),
@@ -78,6 +86,9 @@ class Footprint:
 
     def kv_bytes(self, n_ctx: int, kv_type: str = "f16") -> int:
         return kv_cache_bytes(n_ctx, self.n_layer, self.n_head_kv, self.key_length, self.value_length, kv_type)
+
+    def compute_bytes(self, n_ctx: int) -> int:
+        return compute_bytes(self.n_vocab, n_ctx, self.n_head)
 
     def bytes_per_token(self, position: int = 0, kv_type: str = "f16") -> int:
         """Bytes one generated token reads at `position`: the k/E active share of the expert weights,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from marco_gguf.convert import convert  # noqa: E402
-from marco_gguf.demo import copy_tokenizer, data_path  # noqa: E402
+from marco_gguf.demo import TINY_CONFIG, copy_tokenizer, data_path, write_tiny_checkpoint  # noqa: E402
 from marco_gguf.quantize.recipe import uniform  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +36,11 @@ TINY = dict(
     max_position_embeddings=2048, rope_theta=1000000.0, rms_norm_eps=1e-6,
     bos_token_id=151643, eos_token_id=151645,
 )
+# Marco-Mini's shape where it differs from Marco-Nano: experts 768 wide, so the down projections' rows hold three
+# 256-weight k-quant blocks (Nano's 384 hold none). 16 heads as in Marco-Nano: at long contexts their attention
+# scores, not the logits, are llama.cpp's largest compute buffer. Written with numpy: no torch needed.
+MINI = TINY_CONFIG | dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768,
+                          num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768)
 CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] "
           "+ '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
           "{%- endif %}")
@@ -164,6 +169,19 @@ def tiny_bf16(tiny_ckpt, gguf_dir) -> Path:
 def fused_f32(fused_ckpt, gguf_dir) -> Path:
     out = gguf_dir / "fused-f32.gguf"
     convert(fused_ckpt, out, uniform("F32"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mini_ckpt(tmp_path_factory) -> Path:
+    """Random f16 weights in Marco-Mini's expert width (MINI), per-expert tensors, one file."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "Marco-Mini-Tiny", MINI)
+
+
+@pytest.fixture(scope="session")
+def mini_f16(mini_ckpt, gguf_dir) -> Path:
+    out = gguf_dir / "mini-f16.gguf"
+    convert(mini_ckpt, out, progress=False)  # the checkpoint's own f16
     return out
 
 

@@ -83,7 +83,7 @@ def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: i
 
         if budget is not None:
             kv = kv_cache_bytes(budget.ctx, hp.n_layer, hp.n_head_kv, hp.head_dim, hp.head_dim)
-            limit = budget.file_bytes(kv, hp.vocab_size)
+            limit = budget.file_bytes(kv, hp.vocab_size, hp.n_head)
             recipe, classes = fit_to_budget(jobs, recipe, limit, overhead_bytes(header, jobs, arch.gguf_arch_name),
                                             hp.n_layer, tied, hp.n_expert, hp.n_expert_used)
             if on_plan is not None:

@@ -89,7 +89,7 @@ def quantize_file(src_path: Path, out: Path, recipe: Recipe, threads: int, force
         attach_imatrix(jobs, imatrix)
     if budget is not None:
         fp = Footprint.of(src_path)
-        limit = budget.file_bytes(fp.kv_bytes(budget.ctx), fp.n_vocab)
+        limit = budget.file_bytes(fp.kv_bytes(budget.ctx), fp.n_vocab, fp.n_head)
         overhead = overhead_bytes(copy_header(src), jobs, arch)
         recipe, classes = fit_to_budget(jobs, recipe, limit, overhead, fp.n_layer, fp.tied_output, fp.n_expert,
                                         fp.n_expert_used)

@@ -157,14 +157,14 @@ class Budget:
     fit_ram: int | None = None
     ctx: int = 4096
 
-    def file_bytes(self, kv_bytes: int, n_vocab: int) -> int:
+    def file_bytes(self, kv_bytes: int, n_vocab: int, n_head: int) -> int:
         """The most bytes the file may take; kv_bytes is the KV cache at self.ctx."""
         from marco_gguf.memory import compute_bytes
 
         if self.max_size is not None:
             return self.max_size
         assert self.fit_ram is not None
-        room = int(self.fit_ram * 0.95) - kv_bytes - compute_bytes(n_vocab)
+        room = int(self.fit_ram * 0.95) - kv_bytes - compute_bytes(n_vocab, self.ctx, n_head)
         if room <= 0:
             raise MarcoError(f"{format_bytes(self.fit_ram)} of RAM cannot even hold the KV cache for "
                              f"{self.ctx} tokens ({format_bytes(kv_bytes)}) and llama.cpp's buffers")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from marco_gguf.errors import MarcoError
-from marco_gguf.memory import Footprint, compute_bytes
+from marco_gguf.memory import Footprint
 from marco_gguf.runtime.build import build_command
 from marco_gguf.runtime.isa import is_x86, usable
 from marco_gguf.runtime.placement import backends, devices
@@ -262,7 +262,7 @@ def model_fit(path: Path, n_ctx: int, host: Host, gpus: list[dict]) -> dict:
     """Memory the model needs at n_ctx (weights + f16 KV cache + compute buffers) against what there is."""
     fp = Footprint.of(path)
     kv = fp.kv_bytes(n_ctx)
-    compute = compute_bytes(fp.n_vocab)
+    compute = fp.compute_bytes(n_ctx)
     need = fp.weight_bytes + kv + compute
     fit = {"model": str(path), "n_ctx": n_ctx, "weights": fp.weight_bytes, "experts": fp.expert_bytes,
            "kv_cache": kv, "compute": compute, "need": need, "ram_available": host.memory_available,
