@@ -59,6 +59,11 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def warn(message: str) -> None:
+    """A warning a library function returned, as one line on stderr."""
+    err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def print_json(data: Any) -> None:
     """Machine-readable output on stdout, nothing else on it."""
     console.file.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from marco_gguf.app import app, command, print_json
+from marco_gguf.app import app, command, print_json, warn
 from marco_gguf.files import format_bytes
-from marco_gguf.ui import console
+from marco_gguf.ui import console, progress_bars
 
 Threads = Annotated[int | None, typer.Option("--threads", "-t", help="Worker threads (default: all cores).")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
@@ -19,7 +19,11 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 Preset = Annotated[str | None, typer.Option("--quant", "-q", help="Quantization preset: Q8_0 Q6_K Q5_K_M Q5_K_S "
-                                          "Q4_K_M Q4_K_S Q3_K_M Q2_K IQ4_XS IQ3_M IQ2_M.")]
+                                          "Q4_K_M Q4_K_S Q3_K_M Q2_K IQ4_XS IQ3_M IQ2_M; for phones Q4_0 IQ4_NL.")]
+UntieOutput = Annotated[bool, typer.Option(
+    "--untie-output", help="Write the tied embedding twice: output.weight at the recipe's output type (override "
+    "with --tensor-type output=TYPE), token_embd at its own. Fewer bytes per token with a smaller output type, "
+    "and llama.cpp's repacked CPU kernels for it; the file grows by the output matrix.")]
 TensorTypes = Annotated[list[str] | None, typer.Option(
     "--tensor-type", help="Override: PATTERN=TYPE (regex searched in GGUF tensor names, as llama-quantize); "
                           "repeatable, first match wins.")]
@@ -35,7 +39,7 @@ LoraScales = Annotated[list[float] | None, typer.Option(
 
 
 def _recipe(preset_name: str | None, recipe_file: Path | None, tensor_types: list[str] | None,
-            default: str | None = None):
+            default: str | None = None, untie_output: bool = False):
     """The recipe the options describe: a preset or a TOML table, plus --tensor-type overrides."""
     from marco_gguf.quantize.recipe import load_recipe, preset, uniform
 
@@ -49,9 +53,11 @@ def _recipe(preset_name: str | None, recipe_file: Path | None, tensor_types: lis
         base = uniform(default)
     elif tensor_types:
         raise typer.BadParameter("--tensor-type needs a preset, --outtype or --recipe to override")
+    elif untie_output:
+        raise typer.BadParameter("--untie-output needs a preset, --outtype or --recipe")
     else:
         return None
-    return base.with_overrides(tensor_types or [])
+    return base.with_overrides(tensor_types or []).untied(untie_output or base.untie_output)
 
 
 def _budget(max_size: str | None, fit_ram: str | None, ctx: int):
@@ -79,7 +85,13 @@ def _print_plan(recipe, classes) -> None:
 def _load_imatrix(path: Path | None):
     from marco_gguf.quantize.imatrix import load_imatrix
 
-    return None if path is None else load_imatrix(path)
+    if path is None:
+        return None
+    warnings: list[str] = []
+    means = load_imatrix(path, warnings)
+    for warning in warnings:
+        warn(warning)
+    return means
 
 
 def _report(out: Path, recipe, jobs, as_json: bool, **extra) -> None:
@@ -103,6 +115,7 @@ def convert(
     quant: Preset = None,
     tensor_type: TensorTypes = None,
     recipe_file: RecipeFile = None,
+    untie_output: UntieOutput = False,
     imatrix: Imatrix = None,
     max_size: MaxSize = None,
     fit_ram: FitRam = None,
@@ -115,23 +128,21 @@ def convert(
     as_json: Json = False,
 ) -> None:
     """Convert a Marco checkpoint folder to GGUF in one streaming pass, quantizing on the way with --quant."""
-    from rich.markup import escape
-
     from marco_gguf.convert import convert as run_convert
     from marco_gguf.convert.lora import pair_scales
-    from marco_gguf.ui import err
 
     if outtype and (quant or recipe_file):
         raise typer.BadParameter("give either --outtype or --quant/--recipe, not both")
     if outtype and outtype.lower() not in OUTTYPES:
         raise typer.BadParameter(f"--outtype must be one of {', '.join(OUTTYPES)}")
-    recipe = _recipe(quant, recipe_file, tensor_type, default=outtype)
+    recipe = _recipe(quant, recipe_file, tensor_type, default=outtype, untie_output=untie_output)
     budget = _budget(max_size, fit_ram, ctx)
     loras = pair_scales(lora, lora_scale)
     result = run_convert(src, out, recipe, threads=threads, force=force, imatrix=_load_imatrix(imatrix),
-                         progress=not as_json, budget=budget, on_plan=None if as_json else _print_plan, loras=loras)
+                         progress=None if as_json else progress_bars, budget=budget,
+                         on_plan=None if as_json else _print_plan, loras=loras)
     for warning in result.warnings:
-        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+        warn(warning)
     merged = {"merged": ", ".join(f"{p.name} x{s:g}" for p, s in loras)} if loras else {}
     _report(out, result.recipe, result.jobs, as_json, size_label=result.size_label, **merged)
 
@@ -151,6 +162,8 @@ def export_lora(
     from marco_gguf.convert.lora_export import export_lora as run_export
 
     result = run_export(adapter, base, out, outtype, force)
+    for warning in result.warnings:
+        warn(warning)
     summary = {"output": str(out), "bytes": out.stat().st_size, "tensors": result.tensors}
     if as_json:
         print_json(summary)
@@ -166,6 +179,7 @@ def quantize(
     quant: Annotated[str | None, typer.Argument(help="Preset (Q4_K_M, ...); optional with --recipe.")] = None,
     tensor_type: TensorTypes = None,
     recipe_file: RecipeFile = None,
+    untie_output: UntieOutput = False,
     imatrix: Imatrix = None,
     max_size: MaxSize = None,
     fit_ram: FitRam = None,
@@ -179,23 +193,37 @@ def quantize(
     from marco_gguf.host import default_threads
     from marco_gguf.quantize.from_gguf import quantize_file
 
-    recipe = _recipe(quant, recipe_file, tensor_type)
+    recipe = _recipe(quant, recipe_file, tensor_type, untie_output=untie_output)
     if recipe is None:
         raise typer.BadParameter("name a preset (e.g. Q4_K_M) or give --recipe")
     if src.resolve() == out.resolve():
         raise typer.BadParameter("the output must be another file than the input")
-    recipe, jobs = quantize_file(src, out, recipe, threads or default_threads(), force, allow_requantize,
-                                 _load_imatrix(imatrix), progress=not as_json, budget=_budget(max_size, fit_ram, ctx),
-                                 on_plan=None if as_json else _print_plan)
-    _report(out, recipe, jobs, as_json)
+    result = quantize_file(src, out, recipe, threads or default_threads(), force, allow_requantize,
+                           _load_imatrix(imatrix), progress=None if as_json else progress_bars,
+                           budget=_budget(max_size, fit_ram, ctx), on_plan=None if as_json else _print_plan)
+    for warning in result.warnings:
+        warn(warning)
+    _report(out, result.recipe, result.jobs, as_json)
 
 
 @command()
-def inspect(file: Annotated[Path, typer.Argument(help="GGUF file.")], as_json: Json = False) -> None:
-    """Show a GGUF file's architecture, tokenizer, recipe and bits per weight per tensor class."""
+def inspect(file: Annotated[Path, typer.Argument(help="GGUF file.")], as_json: Json = False,
+            bound: Annotated[bool, typer.Option("--bound/--no-bound", help="Measure this machine's memory read "
+                                                "bandwidth (a fraction of a second) to give the generation speed "
+                                                "the bytes read per token allow.")] = True,
+            threads: Threads = None) -> None:
+    """Show a GGUF file's architecture, tokenizer, recipe, bits per weight per tensor class and bytes per token."""
+    from marco_gguf.host import default_threads
     from marco_gguf.inspect import inspect_file
 
     info = inspect_file(file)
+    if bound and info["per_token"]:
+        from marco_gguf.runtime.bench import read_bandwidth
+
+        n = threads or default_threads()
+        bandwidth = read_bandwidth(n, size=256 * 2**20, repetitions=3)
+        info["per_token"] |= {"read_bandwidth": bandwidth, "threads": n,
+                              "tg_bound": {k: bandwidth / b for k, b in info["per_token"]["bytes"].items()}}
     if as_json:
         print_json(info)
         return
@@ -218,11 +246,29 @@ def inspect(file: Annotated[Path, typer.Argument(help="GGUF file.")], as_json: J
     table.add_row("[bold]total", "", str(t["tensors"]), f"{t['weights']:,}", format_bytes(t["bytes"]),
                   f"[bold]{t['bpw']:.2f}")
     console.print(table)
+    _print_per_token(info["per_token"])
     if info["recipe"]:
         console.print("recipe:\n" + info["recipe"].strip(), highlight=False, markup=False)
     for lora in info["lora_merged"]:
         console.print(f"LoRA merged: {lora['name']} x{lora['scale']:g} (r={lora['r']}, alpha={lora['lora_alpha']}, "
                       f"sha256 {str(lora['sha256'])[:12]})", highlight=False, markup=False)
+
+
+def _print_per_token(p: dict | None) -> None:
+    """Bytes read per generated token for each experts-per-token setting, with this machine's bound."""
+    if not p:
+        return
+    trained = str(p["experts_per_token"])
+    cols = ["experts per token", "bytes read per token"] + (["generation bound"] if "tg_bound" in p else [])
+    title = "per generated token (CPU" + (f", {p['read_bandwidth'] / 1e9:.1f} GB/s read with {p['threads']} "
+                                          "threads)" if "tg_bound" in p else ")")
+    table = Table(*cols, title=title)
+    for k, nbytes in p["bytes"].items():
+        row = [k + (" (trained)" if k == trained else " (--experts-per-token)"), format_bytes(nbytes)]
+        if "tg_bound" in p:
+            row.append(f"{p['tg_bound'][k]:.1f} tokens/s")
+        table.add_row(*row)
+    console.print(table)
 
 
 @command()

@@ -86,7 +86,7 @@ def run_demo(folder: Path, threads: int | None, force: bool) -> None:
     from marco_gguf.files import format_bytes
     from marco_gguf.quantize.recipe import preset
     from marco_gguf.runtime.model import load_model
-    from marco_gguf.ui import console
+    from marco_gguf.ui import console, progress_bars
 
     ckpt = folder / "tiny-marco"
     console.print(f"1. writing a tiny random Marco-architecture checkpoint to {ckpt}")
@@ -94,7 +94,7 @@ def run_demo(folder: Path, threads: int | None, force: bool) -> None:
     out = folder / "tiny-marco-Q4_K_M.gguf"
     console.print(f"2. converting it to {out.name} in one streaming pass")
     t0 = time.perf_counter()
-    result = convert(ckpt, out, preset("Q4_K_M"), threads=threads, force=force)
+    result = convert(ckpt, out, preset("Q4_K_M"), threads=threads, force=force, progress=progress_bars)
     console.print(f"   {format_bytes(out.stat().st_size)}, {result.size_label}, {len(result.jobs)} tensors, "
                   f"{time.perf_counter() - t0:.1f} s")
     console.print("3. loading it with llama.cpp (llama-cpp-python) and generating greedily")

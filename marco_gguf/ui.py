@@ -1,4 +1,4 @@
-"""Terminal output shared by the commands: consoles, byte progress bars, tables."""
+"""Terminal output shared by the commands: consoles, progress bars."""
 
 from __future__ import annotations
 
@@ -43,3 +43,8 @@ def count_progress(total: int, description: str, enabled: bool = True) -> Iterat
     with Progress(*columns, console=err, transient=False) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+def progress_bars(total: int, description: str, unit: str) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+    """The `Progress` callback the commands give library functions: a bar in bytes or in items (tokens)."""
+    return byte_progress(total, description) if unit == "bytes" else count_progress(total, description)

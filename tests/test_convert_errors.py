@@ -167,3 +167,64 @@ def test_bad_option_value_is_one_line(ckpt, tmp_path):
     result = run("convert", str(ckpt), "-o", str(tmp_path / "x.gguf"), "--outtype", "q4")
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: Invalid value: --outtype must be one of f32, f16, bf16, q8_0"
+
+
+def warnings_of(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+
+
+def dead_pid() -> int:
+    """The PID of a process that has ended (reaped): what a SIGKILLed conversion leaves in its partial's name."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_conversions_partial_is_removed_by_the_next_run(ckpt, tmp_path):
+    """A writer killed with SIGKILL (no finally runs) leaves its .NAME.PID.partial; the next write removes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.gguf"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import time; from pathlib import Path; from marco_gguf.files import atomic_output\n"
+         f"with atomic_output(Path({str(out)!r})) as tmp:\n"
+         "    tmp.write_bytes(b'GGUF' + bytes(1 << 20)); print('writing', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    stale = tmp_path / f".out.gguf.{writer.pid}.partial"
+    assert stale.stat().st_size == (1 << 20) + 4
+    other = tmp_path / f".other.gguf.{writer.pid}.partial"  # another destination's: not this run's business
+    other.write_bytes(b"x")
+
+    result = run("convert", str(ckpt), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert warnings_of(result) == [f"warning: removed {stale} (1.00 MiB), left by an earlier write of out.gguf that "
+                                   f"did not finish (process {writer.pid} no longer runs)"]
+    assert not stale.exists() and other.exists() and out.is_file()
+
+
+def test_partials_of_running_or_locked_writers_are_left(ckpt, tmp_path):
+    import fcntl
+    import os
+
+    out = tmp_path / "out.gguf"
+    running = tmp_path / f".out.gguf.{os.getppid()}.partial"  # a live PID: a write in progress, or a reused PID
+    locked = tmp_path / f".out.gguf.{dead_pid()}.partial"  # a writer on another machine holds its lock
+    not_ours = [tmp_path / ".out.gguf.partial", tmp_path / ".out.gguf.12x.partial", tmp_path / "out.gguf.1.partial"]
+    for path in (running, locked, *not_ours):
+        path.write_bytes(b"x")
+    with open(locked, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = run("convert", str(ckpt), "-o", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    assert sorted(warnings_of(result)) == sorted(f"warning: left {p}: process {p.name.split('.')[3]} may still be "
+                                                 "writing out.gguf" for p in (running, locked))
+    assert all(p.exists() for p in (running, locked, *not_ours))

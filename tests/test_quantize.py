@@ -136,10 +136,10 @@ def test_recipe_is_stored_and_inspect_shows_it(tiny_f32, tmp_path):
 @pytest.mark.parametrize("budget_mib", [36, 45, 60])
 def test_planner_never_exceeds_the_budget(tiny_f32, tmp_path, budget_mib):
     out = tmp_path / "fit.gguf"
-    recipe, jobs = quantize_file(tiny_f32, out, preset("Q4_K_M"), threads=2, progress=False,
-                                 budget=Budget(max_size=budget_mib << 20))
+    result = quantize_file(tiny_f32, out, preset("Q4_K_M"), threads=2, progress=False,
+                           budget=Budget(max_size=budget_mib << 20))
     assert out.stat().st_size <= budget_mib << 20
-    assert recipe.name.startswith("Q4_K_M-fit-")
+    assert result.recipe.name.startswith("Q4_K_M-fit-")
 
 
 def test_fit_ram_leaves_room_for_the_kv_cache(tiny_ckpt, tmp_path):

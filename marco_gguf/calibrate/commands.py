@@ -11,7 +11,7 @@ from rich.table import Table
 
 from marco_gguf.app import command, fail, print_json
 from marco_gguf.cli import Force, Json, Threads
-from marco_gguf.ui import console, count_progress, err
+from marco_gguf.ui import console, count_progress, err, progress_bars
 
 Text = Annotated[Path | None, typer.Option("--text", help="Text to run: a .jsonl file of {\"lang\", \"text\"} "
                                            "records or a plain text file (default: the bundled prompts, "
@@ -87,7 +87,7 @@ def verify(
         raise typer.BadParameter("--min-top1 is a fraction between 0 and 1")
     with ReferenceModel(reference, threads) as ref:
         samples, source = load_samples(ref.path, text, "evaluation", max_tokens)
-        report = run_verify(model, ref, samples, threads, floor, progress=not as_json)
+        report = run_verify(model, ref, samples, threads, floor, progress=None if as_json else progress_bars)
     overall = report["model"]["overall"]["top1"]
     passed = min_top1 is None or overall >= min_top1
     if as_json:

@@ -18,7 +18,7 @@ from marco_gguf.calibrate.reference import ReferenceModel
 from marco_gguf.calibrate.text import Sample
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
-from marco_gguf.ui import count_progress
+from marco_gguf.progress import Progress, track
 
 ROWS = 64  # positions per block when comparing distributions over a 152k vocabulary
 
@@ -72,7 +72,7 @@ def check_same_model(path: Path, ref: ReferenceModel) -> None:
 
 
 def compare(path: Path, ref: ReferenceModel, hidden, samples: Sequence[Sample], threads: int | None,
-            progress: bool) -> dict:
+            progress: Progress | None = None) -> dict:
     """Run `path` in llama.cpp on the samples and compare with the reference logits."""
     import torch
 
@@ -83,7 +83,7 @@ def compare(path: Path, ref: ReferenceModel, hidden, samples: Sequence[Sample], 
     result = Comparison()
     try:
         total = sum(len(s.ids) for s in samples)
-        with count_progress(total, f"llama.cpp: {path.name}", progress) as advance:
+        with track(progress, total, f"llama.cpp: {path.name}", "tokens") as advance:
             for sample, ref_logits in zip(samples, ref.logits(hidden, [len(s.ids) for s in samples]), strict=True):
                 logits = torch.from_numpy(model.logits(sample.ids))
                 result.add(sample.lang, *token_metrics(ref_logits, logits))
@@ -94,15 +94,18 @@ def compare(path: Path, ref: ReferenceModel, hidden, samples: Sequence[Sample], 
 
 
 def verify(path: Path, ref: ReferenceModel, samples: Sequence[Sample], threads: int | None = None,
-           floor: bool = True, progress: bool = True) -> dict:
-    """Metrics of `path`, and of an f32 conversion of the reference (the floor) unless `floor` is False."""
+           floor: bool = True, progress: Progress | None = None) -> dict:
+    """Metrics of `path`, and of an f32 conversion of the reference (the floor) unless `floor` is False.
+
+    Nothing is printed: `progress` (progress.py) sees the tokens (and the floor's bytes) as they are done.
+    """
     from marco_gguf.convert import convert
     from marco_gguf.quantize.recipe import uniform
 
     check_same_model(path, ref)
     total = sum(len(s.ids) for s in samples)
-    with count_progress(total * ref.hp.n_layer, f"reference: {total:,} tokens x {ref.hp.n_layer} layers",
-                        progress) as advance:
+    with track(progress, total * ref.hp.n_layer, f"reference: {total:,} tokens x {ref.hp.n_layer} layers",
+               "tokens") as advance:
         hidden = ref.hidden([s.ids for s in samples], on_layer=advance)
     report = {"model": compare(path, ref, hidden, samples, threads, progress), "floor": None}
     if floor:

@@ -17,6 +17,7 @@ from marco_gguf.convert.registry import HParams, find_architecture
 from marco_gguf.convert.vocab import load_vocab
 from marco_gguf.host import default_threads
 from marco_gguf.memory import kv_cache_bytes
+from marco_gguf.progress import Progress
 from marco_gguf.quantize.imatrix import attach_imatrix
 from marco_gguf.quantize.output import write_model_file
 from marco_gguf.quantize.planner import Budget, ClassInfo, fit_to_budget
@@ -42,15 +43,16 @@ class Result:
 
 
 def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: int | None = None, force: bool = False,
-            imatrix: dict[str, np.ndarray] | None = None, progress: bool = True, budget: Budget | None = None,
-            on_plan: Callable[[Recipe, list[ClassInfo]], None] | None = None,
+            imatrix: dict[str, np.ndarray] | None = None, progress: Progress | None = None,
+            budget: Budget | None = None, on_plan: Callable[[Recipe, list[ClassInfo]], None] | None = None,
             loras: Sequence[LoraSpec | str | Path | tuple[str | Path, float]] = ()) -> Result:
     """Convert (and quantize, per `recipe`) a checkpoint folder into a GGUF file at `out`.
 
     Without a recipe every matrix keeps the checkpoint's own float type. With a `budget`, the recipe's
     class types are re-chosen to fit it; `on_plan` sees the plan first. `loras` (adapter folders, or
     (folder, scale) pairs) are merged into the weights in the same pass, before quantization; a file
-    without them is byte-identical to one converted before adapters existed.
+    without them is byte-identical to one converted before adapters existed. Nothing is printed:
+    `progress` (progress.py) sees the bytes written, and the result's `warnings` say what the caller should show.
     """
     ckpt = Checkpoint.open(resolve_source(str(src)))
     merge = None
@@ -63,15 +65,16 @@ def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: i
         planned = plan_tensors(arch, hp, ckpt)
         if loras:
             merge = plan_merge([_spec(x) for x in loras], hf_weights(arch, hp), hp.tied)
-            if merge.untie:
-                planned = untie_output(planned)
+        untie = hp.tied and (recipe.untie_output or bool(merge and merge.untie))
+        if untie:
+            planned = untie_output(planned)
+        if merge:
             planned = merge.wrap(planned)
         lora_meta = merge.metadata() if merge else []
-        tied = hp.tied and not (merge and merge.untie)  # token_embd doubles as the output layer
+        tied = hp.tied and not untie  # token_embd doubles as the output layer
         jobs = [TensorJob(p.name, p.shape, p.source, recipe.type_for(p.name, p.shape, hp.n_layer, tied))
                 for p in planned]
-        if imatrix is not None:
-            attach_imatrix(jobs, imatrix)
+        warnings = attach_imatrix(jobs, imatrix) if imatrix is not None else []
 
         def header(w: gguf.GGUFWriter) -> None:
             w.add_type(gguf.GGUFType.MODEL)
@@ -91,9 +94,10 @@ def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: i
             for job in jobs:  # the planner sampled rows: start the merged sources' row counts afresh
                 if isinstance(job.source, MergedRows):
                     job.source.release()
-        write_model_file(Path(out), header, jobs, arch.gguf_arch_name, recipe, threads or default_threads(), force,
-                         imatrix, progress)
-        return Result(Path(out), hp, jobs, meta.size_label, recipe, lora_meta, merge.warnings if merge else [])
+        warnings += write_model_file(Path(out), header, jobs, arch.gguf_arch_name, recipe,
+                                     threads or default_threads(), force, imatrix, progress)
+        warnings += merge.warnings if merge else []
+        return Result(Path(out), hp, jobs, meta.size_label, recipe, lora_meta, warnings)
     finally:
         if merge is not None:
             merge.close()

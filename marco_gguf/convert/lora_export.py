@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -42,6 +42,7 @@ class ExportResult:
     path: Path
     tensors: int  # GGUF tensors the adapter changes (each written as a lora_a/lora_b pair)
     nbytes: int
+    warnings: list[str] = field(default_factory=list)  # for the caller to show; the library prints nothing
 
 
 class _LazyRows:
@@ -126,9 +127,10 @@ def export_lora(adapter_dir: str | Path, base: str | Path, out: Path, outtype: s
             w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # scaling already folded into B
             w.add_string(SOURCE_KEY, source)
 
-        with atomic_output(Path(out), force, sum(j.nbytes for j in jobs) + (1 << 20)) as tmp:
+        warnings: list[str] = []
+        with atomic_output(Path(out), force, sum(j.nbytes for j in jobs) + (1 << 20), warnings) as tmp:
             write_gguf(tmp, header, jobs, arch_name, threads=1)
-        return ExportResult(Path(out), len(jobs) // 2, sum(j.nbytes for j in jobs))
+        return ExportResult(Path(out), len(jobs) // 2, sum(j.nbytes for j in jobs), warnings)
     finally:
         plan.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -12,6 +13,7 @@ from gguf import GGMLQuantizationType as T
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile, TensorInfo
 from marco_gguf.memory import Footprint
+from marco_gguf.progress import Progress
 from marco_gguf.quantize import ggml
 from marco_gguf.quantize.imatrix import attach_imatrix
 from marco_gguf.quantize.output import write_model_file
@@ -60,8 +62,14 @@ def plan_from_gguf(src: GGUFFile, recipe: Recipe, allow_requantize: bool) -> lis
                          "or pass --allow-requantize")
     n_layer = int(src.get(f"{src.architecture}.block_count", 0))
     tied = all(t.name != "output.weight" for t in src.tensors)
-    return [TensorJob(t.name, t.shape, GGUFRows(src, t), recipe.type_for(t.name, t.shape, n_layer, tied))
-            for t in src.tensors]
+    tensors = [(t.name, t) for t in src.tensors]
+    if tied and recipe.untie_output:  # output.weight from token_embd's rows, after output_norm (Recipe.untie_output)
+        embd = src.tensor("token_embd.weight")
+        at = next((i + 1 for i, (name, _) in enumerate(tensors) if name == "output_norm.weight"), len(tensors))
+        tensors.insert(at, ("output.weight", embd))
+        tied = False
+    return [TensorJob(name, t.shape, GGUFRows(src, t), recipe.type_for(name, t.shape, n_layer, tied))
+            for name, t in tensors]
 
 
 def copy_header(src: GGUFFile):
@@ -75,18 +83,27 @@ def copy_header(src: GGUFFile):
     return header
 
 
+@dataclass
+class Quantized:
+    path: Path
+    recipe: Recipe  # the one written: re-chosen to fit a budget
+    jobs: list[TensorJob]
+    warnings: list[str] = field(default_factory=list)  # for the caller to show; the library prints nothing
+
+
 def quantize_file(src_path: Path, out: Path, recipe: Recipe, threads: int, force: bool = False,
                   allow_requantize: bool = False, imatrix: dict[str, np.ndarray] | None = None,
-                  progress: bool = True, budget: Budget | None = None,
-                  on_plan: Callable[[Recipe, list[ClassInfo]], None] | None = None) -> tuple[Recipe, list[TensorJob]]:
-    """Quantize a GGUF file per `recipe` (re-chosen to fit `budget` if given) into `out`."""
+                  progress: Progress | None = None, budget: Budget | None = None,
+                  on_plan: Callable[[Recipe, list[ClassInfo]], None] | None = None) -> Quantized:
+    """Quantize a GGUF file per `recipe` (re-chosen to fit `budget` if given) into `out`.
+
+    Nothing is printed: `progress` (progress.py) sees the bytes written, the result's `warnings` what to show."""
     src = GGUFFile(src_path)
     arch = src.architecture
     if arch is None:
         raise MarcoError(f"{src_path} has no general.architecture")
     jobs = plan_from_gguf(src, recipe, allow_requantize)
-    if imatrix is not None:
-        attach_imatrix(jobs, imatrix)
+    warnings = attach_imatrix(jobs, imatrix) if imatrix is not None else []
     if budget is not None:
         fp = Footprint.of(src_path)
         limit = budget.file_bytes(fp.kv_bytes(budget.ctx), fp.n_vocab, fp.n_head)
@@ -95,5 +112,5 @@ def quantize_file(src_path: Path, out: Path, recipe: Recipe, threads: int, force
                                         fp.n_expert_used)
         if on_plan is not None:
             on_plan(recipe, classes)
-    write_model_file(out, copy_header(src), jobs, arch, recipe, threads, force, imatrix, progress)
-    return recipe, jobs
+    warnings += write_model_file(out, copy_header(src), jobs, arch, recipe, threads, force, imatrix, progress)
+    return Quantized(Path(out), recipe, jobs, warnings)

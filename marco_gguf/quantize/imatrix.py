@@ -31,7 +31,6 @@ from marco_gguf.files import atomic_output
 from marco_gguf.gguf_file import GGUFFile
 from marco_gguf.quantize import ggml
 from marco_gguf.quantize.stream import TensorJob
-from marco_gguf.ui import err
 
 SUMS, COUNTS = ".in_sum2", ".counts"
 DEFAULT_CHUNK = 512  # llama-imatrix's context per chunk, used when a file does not say
@@ -197,18 +196,18 @@ def _read_legacy(path: Path) -> Imatrix:
     return Imatrix(sums, counts, datasets, chunk_count, DEFAULT_CHUNK)
 
 
-def load_imatrix(path: Path | str) -> dict[str, np.ndarray]:
+def load_imatrix(path: Path | str, warnings: list[str] | None = None) -> dict[str, np.ndarray]:
     """The per-matrix mean squared activations [n_matrices, row_len] by GGUF tensor name, for convert/quantize.
 
-    Matrices that saw no token get the neutral all-ones weighting; a warning says how many.
+    Matrices that saw no token get the neutral all-ones weighting; a message in `warnings` (if given) says how many.
     """
     imatrix = read_imatrix(Path(path))
     unseen = imatrix.unseen()
-    if unseen:
+    if unseen and warnings is not None:
         n = sum(len(v) for v in unseen.values())
-        err.print(f"[yellow]warning:[/] {n} expert matrices in {len(unseen)} tensors of {Path(path).name} got no "
-                  "calibration tokens; they are quantized with a neutral importance (all ones), as llama-quantize "
-                  "does. Calibrate on more text (or more languages) to reach them.", highlight=False, soft_wrap=True)
+        warnings.append(f"{n} expert matrices in {len(unseen)} tensors of {Path(path).name} got no calibration "
+                        "tokens; they are quantized with a neutral importance (all ones), as llama-quantize does. "
+                        "Calibrate on more text (or more languages) to reach them.")
     return imatrix.means()
 
 
@@ -216,13 +215,17 @@ def _n_matrices(job: TensorJob) -> int:
     return math.prod(job.shape[:-2]) if len(job.shape) > 2 else 1
 
 
-def attach_imatrix(jobs: Iterable[TensorJob], imatrix: dict[str, np.ndarray]) -> None:
-    """Give each quantized job its importance rows [n_matrices, row_len]; refuse data of the wrong shape."""
+def attach_imatrix(jobs: Iterable[TensorJob], imatrix: dict[str, np.ndarray]) -> list[str]:
+    """Give each quantized job its importance rows [n_matrices, row_len]; refuse data of the wrong shape.
+
+    Returns the warnings (tensors without importance data), for the caller to show."""
     missing = []
     for job in jobs:
         if job.type in (T.F32, T.F16, T.BF16) or len(job.shape) < 2:
             continue
         data = imatrix.get(job.name)
+        if data is None and job.name == "output.weight":  # untied from a tied embedding: its output-side data
+            data = imatrix.get("token_embd.weight")
         if data is None:
             if job.name not in EMBEDDINGS:  # llama-imatrix never has data for the embedding table
                 missing.append(job.name)
@@ -235,10 +238,10 @@ def attach_imatrix(jobs: Iterable[TensorJob], imatrix: dict[str, np.ndarray]) ->
         if not np.isfinite(values).all():
             raise MarcoError(f"the importance matrix for {job.name} is not finite")
         job.imatrix = values
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        err.print(f"[yellow]warning:[/] the importance matrix has no data for {missing[0]}{more}; "
-                  "those tensors are quantized without it", highlight=False, soft_wrap=True)
+    if not missing:
+        return []
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    return [f"the importance matrix has no data for {missing[0]}{more}; those tensors are quantized without it"]
 
 
 def check_imatrix_needed(jobs: Iterable[TensorJob], imatrix: dict[str, np.ndarray] | None) -> None:
