@@ -33,12 +33,16 @@ def quantized(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_f32_file_agrees_with_the_reference_and_sets_the_floor(tiny_f32, tiny_ckpt):
-    result = run_verify(tiny_f32, tiny_ckpt, "--json", "--min-top1", "0.99")
+    result = run_verify(tiny_f32, tiny_ckpt, "--json", "--min-top1", "0.99", "--floor")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     model, floor = report["model"], report["floor"]
+    assert report["floor_type"] == "BF16"  # the checkpoint's own precision: its weights exactly
     assert model["overall"]["top1"] >= 0.99  # llama.cpp's f32 kernels vs torch: measured 100%
-    assert model["overall"]["kl_mean"] < 1e-5 and floor["overall"]["kl_mean"] < 1e-5
+    assert model["overall"]["kl_mean"] < 1e-5, model["overall"]
+    # bf16 weights are exact, but llama.cpp's bf16 kernels round the activations to bf16 too: measured KL 3.4e-5,
+    # top-1 98.7%
+    assert floor["overall"]["kl_mean"] < 3e-4 and floor["overall"]["top1"] >= 0.95, floor["overall"]
     assert len(model["languages"]) == 31 and floor["languages"].keys() == model["languages"].keys()
     assert sum(m["tokens"] for m in model["languages"].values()) == model["overall"]["tokens"]
     assert 0.9 * TOKENS < model["overall"]["tokens"] <= TOKENS
@@ -63,8 +67,9 @@ def test_own_text_and_table_output(quantized, tiny_ckpt, tmp_path):
     text = tmp_path / "three.jsonl"
     records = [{"lang": "kk", "text": KAZAKH}, {"lang": "th", "text": THAI}, {"text": "No language given."}]
     text.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
-    result = run_verify(quantized["Q8_0"], tiny_ckpt, "--no-floor", "--text", str(text))
+    result = run_verify(quantized["Q8_0"], tiny_ckpt, "--text", str(text))  # no floor unless asked: no scratch disk
     assert result.exit_code == 0, result.output
+    assert "KL mean" in result.stdout and "bf16" not in result.stdout
     rows = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.count("│") > 4]
     assert rows == ["kk", "text", "th", "overall"]  # a row per language, then the total
     assert "three.jsonl" in result.stdout

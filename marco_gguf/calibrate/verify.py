@@ -2,8 +2,10 @@
 
 The reference forward pass runs the checkpoint once; each GGUF file then runs in llama.cpp (f32
 KV cache, logits for every position) on the same token sequences. Per token: whether the most
-likely next token is the same, and KL(reference || GGUF) over the whole vocabulary. An f32
-conversion of the same checkpoint gives the floor: what llama.cpp's kernels alone account for.
+likely next token is the same, and KL(reference || GGUF) over the whole vocabulary. On request, an
+unquantized conversion of the same checkpoint at its own precision (bf16 for Marco: the weights
+exactly as trained) gives the floor: what llama.cpp's kernels account for without quantization. It is
+opt-in because it needs scratch disk for a file as large as the checkpoint (16 GB for Marco-Nano).
 """
 
 from __future__ import annotations
@@ -94,26 +96,27 @@ def compare(path: Path, ref: ReferenceModel, hidden, samples: Sequence[Sample], 
 
 
 def verify(path: Path, ref: ReferenceModel, samples: Sequence[Sample], threads: int | None = None,
-           floor: bool = True, progress: Progress | None = None) -> dict:
-    """Metrics of `path`, and of an f32 conversion of the reference (the floor) unless `floor` is False.
+           floor: bool = False, progress: Progress | None = None) -> dict:
+    """Metrics of `path`, and with `floor` of an unquantized conversion of the reference at its own precision.
 
+    The report's "floor" is None without it, and "floor_type" names the floor's type (BF16, F16 or F32).
     Nothing is printed: `progress` (progress.py) sees the tokens (and the floor's bytes) as they are done.
     """
     from marco_gguf.convert import convert
-    from marco_gguf.quantize.recipe import uniform
 
     check_same_model(path, ref)
     total = sum(len(s.ids) for s in samples)
     with track(progress, total * ref.hp.n_layer, f"reference: {total:,} tokens x {ref.hp.n_layer} layers",
                "tokens") as advance:
         hidden = ref.hidden([s.ids for s in samples], on_layer=advance)
-    report = {"model": compare(path, ref, hidden, samples, threads, progress), "floor": None}
+    report = {"model": compare(path, ref, hidden, samples, threads, progress), "floor": None, "floor_type": None}
     if floor:
         with tempfile.TemporaryDirectory(prefix="marco-verify-") as tmp:
-            f32 = Path(tmp) / f"{ref.path.name}-f32.gguf"
+            unquantized = Path(tmp) / f"{ref.path.name}-floor.gguf"
             try:
-                convert(ref.path, f32, uniform("F32"), threads=threads, progress=progress)
+                written = convert(ref.path, unquantized, threads=threads, progress=progress)
             except MarcoError as exc:
-                raise MarcoError(f"{exc} (the f32 floor needs it; --no-floor skips the floor)") from None
-            report["floor"] = compare(f32, ref, hidden, samples, threads, progress)
+                raise MarcoError(f"{exc} (for the floor; verify without --floor needs no disk)") from None
+            report["floor"] = compare(unquantized, ref, hidden, samples, threads, progress)
+            report["floor_type"] = written.recipe.name.upper()
     return report
