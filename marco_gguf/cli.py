@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from marco_gguf.app import app, command, print_json, warn
+from marco_gguf.app import app, command, fail, print_json, warn
 from marco_gguf.files import format_bytes
 from marco_gguf.ui import console, progress_bars
 
@@ -212,7 +212,10 @@ def inspect(file: Annotated[Path, typer.Argument(help="GGUF file.")], as_json: J
                                                 "bandwidth (a fraction of a second) to give the generation speed "
                                                 "the bytes read per token allow.")] = True,
             threads: Threads = None) -> None:
-    """Show a GGUF file's architecture, tokenizer, recipe, bits per weight per tensor class and bytes per token."""
+    """Show a GGUF file's architecture, tokenizer, recipe, bits per weight per tensor class and bytes per token.
+
+    A damaged file (cut off, a key of the wrong type) is shown as far as it can be read, then one error line
+    says what is wrong, with exit code 1."""
     from marco_gguf.host import default_threads
     from marco_gguf.inspect import inspect_file
 
@@ -226,6 +229,7 @@ def inspect(file: Annotated[Path, typer.Argument(help="GGUF file.")], as_json: J
                               "tg_bound": {k: bandwidth / b for k, b in info["per_token"]["bytes"].items()}}
     if as_json:
         print_json(info)
+        _fail_if_damaged(info["problems"])
         return
     g, tok = info["general"], info["tokenizer"]
     console.print(f"[bold]{g.get('name', file.name)}[/] {g.get('size_label', '')}  "
@@ -250,8 +254,17 @@ def inspect(file: Annotated[Path, typer.Argument(help="GGUF file.")], as_json: J
     if info["recipe"]:
         console.print("recipe:\n" + info["recipe"].strip(), highlight=False, markup=False)
     for lora in info["lora_merged"]:
-        console.print(f"LoRA merged: {lora['name']} x{lora['scale']:g} (r={lora['r']}, alpha={lora['lora_alpha']}, "
-                      f"sha256 {str(lora['sha256'])[:12]})", highlight=False, markup=False)
+        console.print(f"LoRA merged: {lora.get('name')} x{lora.get('scale', 1):g} (r={lora.get('r')}, "
+                      f"alpha={lora.get('lora_alpha')}, sha256 {str(lora.get('sha256'))[:12]})",
+                      highlight=False, markup=False)
+    _fail_if_damaged(info["problems"])
+
+
+def _fail_if_damaged(problems: list[str]) -> None:
+    from marco_gguf.gguf_file import one_line
+
+    if problems:
+        fail(one_line(problems))
 
 
 def _print_per_token(p: dict | None) -> None:

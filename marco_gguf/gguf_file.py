@@ -4,6 +4,10 @@ gguf-py's GGUFReader builds Python objects for every vocabulary entry and merge,
 seconds for Marco's 152k-token vocabulary; ggml's C parser reads the header in milliseconds and
 accepts exactly what llama.cpp accepts. String arrays are decoded when read, tensor data is
 memory-mapped on demand.
+
+A file whose header parses can still be damaged in ways llama.cpp finds only when it loads the model:
+tensor data cut off (an interrupted download or copy), or a key llama.cpp reads with one type stored
+with another. `GGUFFile.problems` names them, one line each, and `check()` raises the first.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 from gguf import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
 from marco_gguf.errors import MarcoError
+from marco_gguf.files import format_bytes
 from marco_gguf.native import ggml_base
 
 V = GGUFValueType
@@ -31,6 +36,29 @@ SCALAR_GETTERS = {V.UINT8: ("u8", ctypes.c_uint8), V.INT8: ("i8", ctypes.c_int8)
 NUMPY_TYPES = {V.UINT8: np.uint8, V.INT8: np.int8, V.UINT16: np.uint16, V.INT16: np.int16, V.UINT32: np.uint32,
                V.INT32: np.int32, V.FLOAT32: np.float32, V.UINT64: np.uint64, V.INT64: np.int64,
                V.FLOAT64: np.float64, V.BOOL: np.bool_}
+
+
+_U32, _F32, _STR, _BOOL = (V.UINT32, None), (V.FLOAT32, None), (V.STRING, None), (V.BOOL, None)
+_U32_OR_ARRAY = (_U32, (V.ARRAY, V.UINT32), (V.ARRAY, V.INT32))  # llama.cpp's get_key_or_arr: one value or per layer
+# The types llama.cpp reads these keys with (llama-model-loader.cpp, llama-model.cpp, llama-vocab.cpp): it
+# refuses a model with another type there, so a file that has one is damaged. {arch}: the file's architecture.
+KEY_TYPES: dict[str, tuple[tuple[GGUFValueType, GGUFValueType | None], ...]] = {
+    "general.architecture": (_STR,), "general.file_type": (_U32,),
+    "{arch}.context_length": (_U32,), "{arch}.embedding_length": (_U32,), "{arch}.block_count": (_U32,),
+    "{arch}.feed_forward_length": _U32_OR_ARRAY, "{arch}.expert_feed_forward_length": (_U32,),
+    "{arch}.expert_count": (_U32,), "{arch}.expert_used_count": _U32_OR_ARRAY,
+    "{arch}.attention.head_count": _U32_OR_ARRAY, "{arch}.attention.head_count_kv": _U32_OR_ARRAY,
+    "{arch}.attention.key_length": (_U32,), "{arch}.attention.value_length": (_U32,),
+    "{arch}.attention.layer_norm_rms_epsilon": (_F32,), "{arch}.rope.freq_base": (_F32,),
+    "{arch}.rope.dimension_count": (_U32,),
+    "tokenizer.ggml.model": (_STR,), "tokenizer.ggml.pre": (_STR,), "tokenizer.chat_template": (_STR,),
+    "tokenizer.ggml.tokens": ((V.ARRAY, V.STRING),), "tokenizer.ggml.merges": ((V.ARRAY, V.STRING),),
+    "tokenizer.ggml.token_type": ((V.ARRAY, V.INT32),),
+    "tokenizer.ggml.scores": ((V.ARRAY, V.FLOAT32), (V.ARRAY, V.INT32)),
+    **{f"tokenizer.ggml.{name}_token_id": (_U32,) for name in ("bos", "eos", "eot", "eom", "unknown", "seperator",
+                                                               "padding", "mask")},
+    "tokenizer.ggml.add_bos_token": (_BOOL,), "tokenizer.ggml.add_eos_token": (_BOOL,),
+}
 
 
 class _InitParams(ctypes.Structure):
@@ -136,13 +164,29 @@ class GGUFFile:
         self.types = {key: _types(lib, ctx, i) for i, key in enumerate(keys)}
         data_offset = lib.gguf_get_data_offset(ctx)
         self.tensors = [_tensor(lib, ctx, i, data_offset) for i in range(lib.gguf_get_n_tensors(ctx))]
+        self.size = self.path.stat().st_size
+        self.data_end = max((t.offset + t.nbytes for t in self.tensors), default=data_offset)
+        arch = self.architecture
+        self.bad_keys = {key for key in keys if _expected(key, arch) and self.types[key] not in _expected(key, arch)}
+        self.problems = [f"{self.path} is damaged: {key} is {_type_name(self.types[key])}, not "
+                         f"{' or '.join(_type_name(t) for t in _expected(key, arch))}" for key in sorted(self.bad_keys)]
+        if self.data_end > self.size:  # first: it explains the rest (a cut-off file)
+            self.problems.insert(0, f"{self.path} is truncated: it has {self.size:,} bytes, its tensors need "
+                                    f"{self.data_end:,} ({format_bytes(self.data_end - self.size)} missing); "
+                                    "download or write it again")
+
+    def check(self) -> None:
+        """Raise the first of `problems` (a cut-off file, a key of the wrong type) as one line."""
+        if self.problems:
+            raise MarcoError(one_line(self.problems))
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
 
     @property
     def architecture(self) -> str | None:
-        return self.fields.get("general.architecture")
+        arch = self.fields.get("general.architecture")
+        return arch if isinstance(arch, str) else None
 
     def tensor(self, name: str) -> TensorInfo:
         for t in self.tensors:
@@ -152,7 +196,26 @@ class GGUFFile:
 
     def data(self, t: TensorInfo) -> np.ndarray:
         """The tensor's raw bytes, memory-mapped (read-only)."""
+        if t.offset + t.nbytes > self.size:
+            self.check()
         return np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,))
+
+
+def one_line(problems: list[str]) -> str:
+    """The first problem, and how many more there are."""
+    return problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+
+
+def _expected(key: str, arch: str | None) -> tuple[tuple[GGUFValueType, GGUFValueType | None], ...]:
+    """The types KEY_TYPES allows for `key`; empty for a key it does not name."""
+    if arch and key.startswith(f"{arch}."):
+        key = "{arch}." + key.removeprefix(f"{arch}.")
+    return KEY_TYPES.get(key, ())
+
+
+def _type_name(types: tuple[GGUFValueType, GGUFValueType | None]) -> str:
+    vtype, etype = types
+    return f"array of {etype.name.lower()}" if etype is not None else vtype.name.lower()
 
 
 def _types(lib: ctypes.CDLL, ctx: int, i: int) -> tuple[GGUFValueType, GGUFValueType | None]:

@@ -37,12 +37,22 @@ def tensor_table(reader: GGUFFile) -> list[dict]:
 
 
 def inspect_file(path: Path) -> dict:
-    """Everything `marco-gguf inspect` reports, as plain data."""
+    """Everything `marco-gguf inspect` reports, as plain data.
+
+    A damaged file (GGUFFile.problems: cut off, keys of the wrong type) is described as far as it can be read,
+    leaving out the damaged keys; "problems" lists what is wrong, empty for a sound file.
+    """
     reader = GGUFFile(path)
+    problems = list(reader.problems)
+
+    def field(key: str, default=None):
+        return default if key in reader.bad_keys else reader.get(key, default)
+
     arch = reader.architecture
     meta, hparams, tokenizer = {}, {}, {}
     for key, value in reader.fields.items():
-        if key in ARRAY_KEYS or key == "tokenizer.chat_template" or key.startswith("marco_gguf."):
+        if key in ARRAY_KEYS or key == "tokenizer.chat_template" or key.startswith("marco_gguf.") \
+                or key in reader.bad_keys:
             continue
         if arch and key.startswith(f"{arch}."):
             hparams[key.removeprefix(f"{arch}.")] = value
@@ -50,12 +60,13 @@ def inspect_file(path: Path) -> dict:
             tokenizer[key.removeprefix("tokenizer.ggml.").removeprefix("tokenizer.")] = value
         else:
             meta[key.removeprefix("general.")] = value
-    tokenizer["tokens"] = len(reader.get("tokenizer.ggml.tokens", []))
-    tokenizer["merges"] = len(reader.get("tokenizer.ggml.merges", []))
-    types = reader.get("tokenizer.ggml.token_type")
+    tokenizer["tokens"] = len(field("tokenizer.ggml.tokens", []))
+    tokenizer["merges"] = len(field("tokenizer.ggml.merges", []))
+    types = field("tokenizer.ggml.token_type")
     if types is not None:
-        counts = np.bincount(np.asarray(types, dtype=np.int64), minlength=7)
-        tokenizer["token_types"] = {gguf.TokenType(i).name.lower(): int(n) for i, n in enumerate(counts) if n}
+        names = {0: "undefined"} | {t.value: t.name.lower() for t in gguf.TokenType}
+        values, counts = np.unique(np.asarray(types, dtype=np.int64), return_counts=True)
+        tokenizer["token_types"] = {names.get(int(v), f"type {v}"): int(n) for v, n in zip(values, counts, strict=True)}
     table = tensor_table(reader)
     weights = sum(r["weights"] for r in table)
     nbytes = sum(r["bytes"] for r in table)
@@ -70,13 +81,34 @@ def inspect_file(path: Path) -> dict:
         "hparams": hparams,
         "tokenizer": tokenizer,
         "chat_template": "tokenizer.chat_template" in reader.fields,
-        "recipe": reader.get("marco_gguf.recipe"),
-        "lora_merged": [json.loads(x) for x in reader.get("marco_gguf.lora.merged") or []],
+        "recipe": _recipe(reader.get("marco_gguf.recipe"), path, problems),
+        "lora_merged": _lora_merged(reader.get("marco_gguf.lora.merged"), path, problems),
         "tensors": table,
         "total": {"tensors": len(reader.tensors), "weights": weights, "bytes": nbytes,
                   "bpw": 8 * nbytes / max(weights, 1)},
-        "per_token": per_token_reads(path),
+        "per_token": None if problems else per_token_reads(path),
+        "problems": problems,
     }
+
+
+def _recipe(recipe, path: Path, problems: list[str]) -> str | None:
+    if recipe is not None and not isinstance(recipe, str):
+        problems.append(f"{path} is damaged: marco_gguf.recipe is not a string")
+        return None
+    return recipe
+
+
+def _lora_merged(records, path: Path, problems: list[str]) -> list[dict]:
+    if records is None:
+        return []
+    try:
+        merged = [json.loads(x) for x in records]
+    except (ValueError, TypeError):
+        merged = None
+    if merged is None or not all(isinstance(m, dict) for m in merged):
+        problems.append(f"{path} is damaged: marco_gguf.lora.merged holds something other than JSON objects")
+        return []
+    return merged
 
 
 def per_token_reads(path: Path) -> dict | None:

@@ -64,6 +64,7 @@ class Comparison:
 def check_same_model(path: Path, ref: ReferenceModel) -> None:
     """Refuse a GGUF file whose shape is not the reference checkpoint's (before any work is done)."""
     f = GGUFFile(path)
+    f.check()
     arch, hp = f.architecture, ref.hp
     embd = next((t.shape for t in f.tensors if t.name == "token_embd.weight"), (None, None))
     ours = (hp.n_layer, hp.n_embd, hp.n_expert, hp.vocab_size)

@@ -99,6 +99,7 @@ def quantize_file(src_path: Path, out: Path, recipe: Recipe, threads: int, force
 
     Nothing is printed: `progress` (progress.py) sees the bytes written, the result's `warnings` what to show."""
     src = GGUFFile(src_path)
+    src.check()  # a cut-off file, or metadata of the wrong type: refused before anything is written or copied
     arch = src.architecture
     if arch is None:
         raise MarcoError(f"{src_path} has no general.architecture")

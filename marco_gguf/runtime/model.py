@@ -448,8 +448,10 @@ def _load_vocab_only(path: Path) -> Any:
 
 
 def check_gguf(path: Path) -> dict[str, Any]:
-    """The file's metadata; a clear error for a missing file, a non-GGUF file or another architecture."""
-    meta = GGUFFile(path).fields
+    """The file's metadata; a clear error for a missing, non-GGUF or damaged file, or another architecture."""
+    file = GGUFFile(path)
+    file.check()
+    meta = file.fields
     arch = meta.get("general.architecture")
     if arch != ARCHITECTURE:
         raise MarcoError(f"{path} is a {arch or 'unnamed-architecture'} model, not a Marco ({ARCHITECTURE}) GGUF")
