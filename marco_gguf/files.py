@@ -39,6 +39,8 @@ def partial_name(path: Path, pid: int) -> Path:
 
 
 def _pid_running(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there; never take a partial for stale
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
