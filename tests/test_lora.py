@@ -191,13 +191,15 @@ def test_two_adapters_and_scale_merge_in_order(tiny_model, tiny_ckpt, attention_
     assert top1 == 1.0 and worst < F32_BOUND, (top1, worst)
 
 
-def test_quantized_merge_equals_quantizing_the_merged_file(tiny_ckpt, full_adapter, tmp_path):
-    """Merge-while-quantizing writes the same bytes as quantizing the merged f32 file afterwards."""
+@pytest.mark.parametrize("recipe", [preset("Q4_K_M"), uniform("BF16")], ids=["Q4_K_M", "BF16"])
+def test_quantized_merge_equals_quantizing_the_merged_file(recipe, tiny_ckpt, full_adapter, tmp_path):
+    """Merge-while-quantizing (or rounding to bf16) writes the same bytes as quantizing the merged f32 file
+    afterwards."""
     folder, _ = full_adapter
     merged_f32, direct, after = tmp_path / "m-f32.gguf", tmp_path / "direct.gguf", tmp_path / "after.gguf"
     convert(tiny_ckpt, merged_f32, uniform("F32"), progress=False, loras=[folder])
-    convert(tiny_ckpt, direct, preset("Q4_K_M"), progress=False, loras=[folder], threads=2)
-    quantize_file(merged_f32, after, preset("Q4_K_M"), threads=2, progress=False)
+    convert(tiny_ckpt, direct, recipe, progress=False, loras=[folder], threads=2)
+    quantize_file(merged_f32, after, recipe, threads=2, progress=False)
     a, b = GGUFFile(direct), GGUFFile(after)
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     for t in a.tensors:

@@ -38,7 +38,8 @@ from marco_gguf.convert.checkpoint import DTYPES, StoredTensor, read_json, read_
 from marco_gguf.convert.plan import HFWeight, Part, PlannedTensor
 from marco_gguf.errors import MarcoError
 from marco_gguf.host import read_into
-from marco_gguf.quantize.stream import RowSource, to_f32
+from marco_gguf.quantize import ggml
+from marco_gguf.quantize.stream import SOURCE_DTYPES, RowSource, thread_buffer
 
 LORA_KEY = "marco_gguf.lora.merged"  # one JSON object per merged adapter
 PREFIX = "base_model.model."
@@ -95,7 +96,7 @@ class Adapter:
         view = memoryview(raw.reshape(-1).view(np.uint8))
         if read_into(self.fd, view, t.offset + first_row * row_len * raw.itemsize) != view.nbytes:
             raise MarcoError(f"{t.path} is truncated: short read in tensor {key}")
-        return np.array(to_f32(raw, SOURCE_TYPES[t.dtype]), np.float32)
+        return raw if t.dtype == "F32" else ggml.widen_into(SOURCE_TYPES[t.dtype], raw, np.empty(raw.shape, np.float32))
 
     def scaling(self, module_key: str, rank: int) -> float:
         """PEFT's scaling for one module (its rank and alpha patterns, rsLoRA), times the user's scale."""
@@ -180,10 +181,10 @@ class LowRank:
         if self.kind == "fused":
             E = self.n_matrices
             a3 = a.reshape(E, -1, a.shape[-1])
-            b3 = np.ascontiguousarray(b.reshape(b.shape[0], -1, E).transpose(2, 0, 1))
+            b = b.reshape(b.shape[0], -1, E).transpose(2, 0, 1)
         else:
-            a3, b3 = a[None], np.ascontiguousarray(b)[None]
-        b3 *= np.float32(self.scaling)
+            a3, b = a[None], b[None]
+        b3 = np.multiply(b, np.float32(self.scaling), order="C")  # contiguous per matrix, for the products
         return a3, b3
 
 
@@ -203,13 +204,17 @@ class MergedRows:
     """A GGUF tensor's rows with the adapters' deltas added, in f32 (a RowSource for the streaming writer).
 
     Factors are loaded on the first chunk that needs them and dropped when every row has been
-    delivered once, so memory holds the factors of the tensors in flight only.
+    delivered once, so memory holds the factors of the tensors in flight only. A chunk is widened
+    into the caller's array (the writer's per-thread buffer), and each delta B[rows] @ A is computed
+    by BLAS into a per-thread buffer and added: no array is allocated per chunk.
     """
 
     dtype = T.F32
 
-    def __init__(self, base: RowSource, n_rows: int, rows_per_matrix: int, ops: dict[int, list[tuple[Delta, Part]]]):
-        self.base, self.n_rows, self.rows_per_matrix, self.ops = base, n_rows, rows_per_matrix, ops
+    def __init__(self, base: RowSource, n_rows: int, rows_per_matrix: int, row_len: int,
+                 ops: dict[int, list[tuple[Delta, Part]]]):
+        self.base, self.n_rows, self.rows_per_matrix, self.row_len = base, n_rows, rows_per_matrix, row_len
+        self.ops = ops
         self._factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
         self._delivered = 0
@@ -223,26 +228,29 @@ class MergedRows:
 
     def read(self, first_row: int, n_rows: int, out: np.ndarray | None = None) -> np.ndarray:
         m, local = divmod(first_row, self.rows_per_matrix)
-        rows = to_f32(self.base.read(first_row, n_rows), self.base.dtype)  # a fresh array: add in place
-        if not rows.flags.writeable:
-            rows = rows.copy()
+        shape = (n_rows, self.row_len)
+        rows = np.empty(shape, np.float32) if out is None else out
+        assert rows.shape == shape and rows.dtype == np.float32 and rows.flags.c_contiguous
+        if self.base.dtype == T.F32:
+            self.base.read(first_row, n_rows, rows)
+        else:
+            raw = self.base.read(first_row, n_rows, thread_buffer("lora-base", shape, SOURCE_DTYPES[self.base.dtype]))
+            ggml.widen_into(self.base.dtype, raw, rows)
         for delta, part in self.ops.get(m, ()):
             r0 = part.offset + local
             if isinstance(delta, Replacement):
                 rows[:] = delta.adapter.read(delta.key, part.hf_matrix * delta.rows_per_matrix + r0, n_rows)
             else:
                 a, b = self._get(delta)
-                # einsum, not matmul: OpenBLAS with its default threads was measured 27x slower than one
-                # thread on these thin products (inner size r: 2.7 s against 0.1 s per 232-expert tensor),
-                # and the BLAS thread count is process-global; einsum's own loop takes 0.25 s.
-                rows += np.einsum("ir,rh->ih", b[part.hf_matrix, r0:r0 + n_rows], a[part.hf_matrix], optimize=False)
+                # BLAS with one thread (MergePlan.wrap limits it while merging): OpenBLAS's own threads on
+                # top of the writer's workers were measured 27x slower on these thin products (inner size r)
+                product = thread_buffer("lora-delta", shape, np.float32)
+                np.matmul(b[part.hf_matrix, r0:r0 + n_rows], a[part.hf_matrix], out=product)
+                rows += product
         with self._lock:
             self._delivered += n_rows
             if self._delivered >= self.n_rows:
                 self.release()
-        if out is not None:
-            out[:] = rows
-            return out
         return rows
 
     def release(self) -> None:
@@ -259,9 +267,18 @@ class MergePlan:
     deltas: dict[str, list[tuple[Delta, Part]]] = field(default_factory=dict)  # GGUF tensor -> deltas in order
     warnings: list[str] = field(default_factory=list)
     untie: bool = False  # tied embeddings that an adapter changes on one side: the file needs output.weight
+    _blas: object = None  # threadpoolctl's limiter while merged sources exist
 
     def wrap(self, planned: list[PlannedTensor]) -> list[PlannedTensor]:
-        """The planned tensors, those an adapter touches reading through MergedRows."""
+        """The planned tensors, those an adapter touches reading through MergedRows.
+
+        Until close(), numpy's BLAS runs one thread per call, process-wide (its thread count is a global
+        setting): the writer's workers (--threads) run one delta product each already.
+        """
+        if self._blas is None and any(isinstance(d, LowRank) for ops in self.deltas.values() for d, _ in ops):
+            from threadpoolctl import threadpool_limits
+
+            self._blas = threadpool_limits(limits=1, user_api="blas")
         out = []
         for p in planned:
             ops = self.deltas.get(p.name)
@@ -271,7 +288,7 @@ class MergePlan:
                 for delta, part in ops:
                     by_matrix.setdefault(part.matrix, []).append((delta, part))
                 n_rows = math.prod(p.shape[:-1])
-                p = PlannedTensor(p.name, p.shape, MergedRows(p.source, n_rows, rpm, by_matrix))
+                p = PlannedTensor(p.name, p.shape, MergedRows(p.source, n_rows, rpm, p.shape[-1], by_matrix))
             out.append(p)
         return out
 
@@ -292,6 +309,9 @@ class MergePlan:
     def close(self) -> None:
         for a in self.adapters:
             a.close()
+        if self._blas is not None:
+            self._blas.restore_original_limits()
+            self._blas = None
 
 
 def _sha256(path: Path) -> str:

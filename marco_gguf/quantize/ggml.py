@@ -111,6 +111,26 @@ def quantize(t: T, rows: np.ndarray, imatrix: np.ndarray | None = None) -> np.nd
     return out
 
 
+@functools.cache
+def _to_float(t: T):
+    traits = lib().ggml_get_type_traits(int(t)).contents
+    if not traits.to_float:
+        raise MarcoError(f"ggml cannot dequantize {t.name}")
+    return _TO_FLOAT(traits.to_float)
+
+
+def widen_into(t: T, raw: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Float values stored as `t` (F32, F16, or BF16 held as uint16) widened into the f32 array `out`, exactly
+    and without a temporary: ggml's row converter, which releases the GIL (numpy's cast and shift allocate)."""
+    assert out.dtype == np.float32 and out.flags.c_contiguous and raw.flags.c_contiguous and raw.size == out.size
+    if t == T.F32:
+        out.reshape(-1)[:] = raw.reshape(-1).view(np.float32)
+    else:
+        assert raw.itemsize == 2, "F16 and BF16 values are held in 16-bit arrays"
+        _to_float(t)(raw.ctypes.data, out.ctypes.data, out.size)
+    return out
+
+
 def dequantize(t: T, data: np.ndarray, n_per_row: int) -> np.ndarray:
     """f32 rows from `data` stored as type `t` (any shape whose bytes are whole rows)."""
     data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
@@ -119,8 +139,5 @@ def dequantize(t: T, data: np.ndarray, n_per_row: int) -> np.ndarray:
     if t == T.F32:
         out.reshape(-1)[:] = data.view(np.float32)
         return out
-    traits = lib().ggml_get_type_traits(int(t)).contents
-    if not traits.to_float:
-        raise MarcoError(f"ggml cannot dequantize {t.name}")
-    _TO_FLOAT(traits.to_float)(data.ctypes.data, out.ctypes.data, out.size)
+    _to_float(t)(data.ctypes.data, out.ctypes.data, out.size)
     return out

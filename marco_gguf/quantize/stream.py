@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,6 +69,22 @@ class TensorJob:
         return self.n_rows * self.row_len * SOURCE_DTYPES[self.source.dtype].itemsize
 
 
+_thread = threading.local()
+
+
+def thread_buffer(key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A scratch array of the calling thread, reused from chunk to chunk: valid until this thread asks for
+    `key` again. A fresh multi-megabyte array per chunk costs page faults every time (glibc hands such
+    blocks back to the kernel on free), more than widening or adding its values."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffers = _thread.__dict__.setdefault("buffers", {})
+    buf = buffers.get(key)
+    if buf is None or buf.nbytes < nbytes:
+        buf = buffers[key] = np.empty(nbytes, np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
 def to_f32(raw: np.ndarray, dtype: T) -> np.ndarray:
     """Widen raw source rows to f32 (bf16 is the top half of an f32)."""
     if dtype == T.BF16:
@@ -89,7 +106,10 @@ def _run_chunk(job: TensorJob, out: np.ndarray, first: int, n: int) -> int:
     if job.type == job.source.dtype:  # same float type: copy the bytes untouched
         job.source.read(first, n, dst.view(SOURCE_DTYPES[job.type]))
         return n * job.row_len
-    rows = np.ascontiguousarray(to_f32(job.source.read(first, n), job.source.dtype))
+    if job.source.dtype == T.F32:  # f32 sources (LoRA-merged rows) fill this thread's buffer
+        rows = job.source.read(first, n, thread_buffer("rows", (n, job.row_len), np.float32))
+    else:
+        rows = np.ascontiguousarray(to_f32(job.source.read(first, n), job.source.dtype))
     imatrix = None if job.imatrix is None else job.imatrix[first // job.rows_per_matrix]
     if job.type == T.F32:
         dst.view(np.float32)[:] = rows
