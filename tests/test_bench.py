@@ -4,6 +4,7 @@ checkpoint's own shape (derived here from the transformers config, not from the 
 from __future__ import annotations
 
 import json
+import resource
 
 from conftest import TINY
 from typer.testing import CliRunner
@@ -34,11 +35,17 @@ def test_bench_measures_api_and_raw_loop_on_the_same_file(tiny_f32, capsys):
     for runner in ("api", "llama_cpp"):
         assert len(r[runner]["pp_runs"]) == 2 and len(r[runner]["tg_runs"]) == 2
         assert all(x > 0 for x in r[runner]["pp_runs"] + r[runner]["tg_runs"]) and r[runner]["load_s"] > 0
-    assert r["ratio"]["tg"] == r["api"]["tg"] / r["llama_cpp"]["tg"]
-    assert r["cpu_time_ratio"]["pp"] == r["api"]["pp_cpu"] / r["llama_cpp"]["pp_cpu"] and r["api"]["tg_cpu"] > 0
+    # the same file, threads and token counts: the Python API and llama.cpp's own loop within 2x of each other
+    # per CPU second (one thread's runs count no time other programs held the core; measured 0.93 and 0.95 here;
+    # the wall-clock ratio is left alone: on a shared machine one run can be slowed for the other)
+    for test in ("pp", "tg"):
+        assert 0.5 < r["cpu_time_ratio"][test] < 2, r
     assert r["host_bytes_per_token"] == expected_bytes_per_token(position=4)
-    assert r["tg_bound"] == r["read_bandwidth"] / r["host_bytes_per_token"] and r["read_bandwidth"] > 1e8
-    assert r["peak_rss"] > tiny_f32.stat().st_size // 2
+    assert 1e9 < r["read_bandwidth"] < 2e11  # bytes/s one core reads: more than DDR2 gave, less than any core takes
+    # generation reads 160 MB a token (the f32 output layer, larger than any cache): it cannot run much faster
+    # than the machine reads memory (measured: 0.85 of the bound)
+    assert r["tg_of_bound"]["llama_cpp"] < 1.5 and r["tg_of_bound"]["api"] < 1.5
+    assert tiny_f32.stat().st_size // 2 < r["peak_rss"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     show_bench(r)
     table = capsys.readouterr().out
     assert "pp32 tokens/s" in table and f"{r['ratio']['pp']:.3f}" in table and "bound" in table
