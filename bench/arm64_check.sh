@@ -28,7 +28,8 @@ aarch64-linux-gnu-gcc -O2 $INC bench/greedy.c -L"$ARM/bin" -Wl,-rpath-link,"$ARM
 gcc -O2 $INC bench/greedy.c -L"$X86_LIB" -Wl,-rpath-link,"$X86_LIB" -lllama -o "$OUT/greedy-x86"
 
 # the demo's tiny random Marco checkpoint (vocab 151936, hidden 256, 4 layers, 16 experts of 96), as
-# F16 (ARM and x86 differ only in summation order) and Q4_K_M (each has its own quantized dot products)
+# F16 (ARM and x86 differ only in summation order), Q4_K_M and the phone presets Q4_0 and IQ4_NL (each
+# architecture has its own quantized dot products; ARM repacks Q4_0 and IQ4_NL for its dotprod kernels)
 python - "$OUT" <<'PY'
 import sys, tempfile
 from pathlib import Path
@@ -38,14 +39,15 @@ from marco_gguf.quantize.recipe import preset, uniform
 out = Path(sys.argv[1])
 with tempfile.TemporaryDirectory() as tmp:
     ckpt = write_tiny_checkpoint(Path(tmp) / "tiny")
-    for name, recipe in (("F16", uniform("F16")), ("Q4_K_M", preset("Q4_K_M"))):
+    for name, recipe in (("F16", uniform("F16")), ("Q4_K_M", preset("Q4_K_M")), ("Q4_0", preset("Q4_0")),
+                         ("IQ4_NL", preset("IQ4_NL"))):
         if not (out / f"tiny-{name}.gguf").is_file():
             convert(ckpt, out / f"tiny-{name}.gguf", recipe, progress=False)
 PY
 
 file "$OUT/greedy-arm64" | sed 's/, BuildID.*//'
 status=0
-for q in F16 Q4_K_M; do
+for q in F16 Q4_K_M Q4_0 IQ4_NL; do
   MODEL=$OUT/tiny-$q.gguf
   LD_LIBRARY_PATH=$X86_LIB "$OUT/greedy-x86" "$MODEL" "$PROMPT" "$N" > "$OUT/greedy-x86-$q.txt"
   /usr/bin/time -f "  qemu-aarch64 run: %e s" qemu-aarch64 -cpu max -L /usr/aarch64-linux-gnu \
