@@ -26,10 +26,10 @@ def pinned(log: list[str]) -> set[str]:
 def greedy(path, **placement) -> tuple[set[str], list[int], str]:
     with llama_log() as log:
         model = load_model(path, n_ctx=128, threads=1, **placement)
-    done = model.complete("Marco runs on laptops", max_tokens=12, temperature=0.0)
-    ids = model.tokenize(done.text, special=True)
+    stream = model.stream("Marco runs on laptops", max_tokens=12, temperature=0.0)
+    text = "".join(stream)
     model.close()
-    return pinned(log), ids, done.text
+    return pinned(log), stream.tokens, text
 
 
 def test_patterns_are_llama_cpps():
@@ -40,10 +40,21 @@ def test_patterns_are_llama_cpps():
         expert_patterns(n_cpu_moe=-1)
 
 
+def test_patterns_are_those_of_llama_cpps_source(llama_cpp_src):
+    """--cpu-moe and --n-cpu-moe as llama.cpp's common library builds them: LLM_FFN_EXPS_REGEX, and per layer
+    llm_ffn_block_regex's "blk\\.%d%s"."""
+    header = (llama_cpp_src / "common" / "common.h").read_text()
+    # C string literals; the only escape in these two is \\
+    (exps,) = [x.replace("\\\\", "\\") for x in re.findall(r'LLM_FFN_EXPS_REGEX = "(.*)";', header)]
+    (block,) = [x.replace("\\\\", "\\") for x in re.findall(r'string_format\("(blk[^"]*)", idx, ffn_regex\)', header)]
+    assert expert_patterns(experts_on_cpu=True) == [exps]
+    assert expert_patterns(n_cpu_moe=3) == [block % (i, exps) for i in range(3)]
+
+
 def test_overrides_reach_llama_cpp_and_the_model_answers_the_same(tiny_f32):
     experts = {f"blk.{i}.ffn_{p}_exps.weight" for i in range(N_LAYER) for p in ("gate", "up", "down")}
     none, ids, text = greedy(tiny_f32)
-    assert none == set() and len(ids) >= 8
+    assert none == set() and len(ids) == 12  # random weights: no end of turn in 12 greedy tokens
     on_cpu, ids_cpu, text_cpu = greedy(tiny_f32, experts_on_cpu=True)
     assert on_cpu == experts and (ids_cpu, text_cpu) == (ids, text)
     first, ids_first, _ = greedy(tiny_f32, n_cpu_moe=1)
