@@ -2,6 +2,7 @@
 """Parallel decoding (issue 12): `marco-gguf serve --parallel 4` against llama-server `-np 4`, and batch mode.
 
     python bench/parallel_speed.py [--layers 4] [--threads 2] [--rounds 3] [--tokens 128] [--batch-lines 200]
+    python bench/parallel_speed.py --layers 28 --engine-only      # full size: the engine against the bound
 
 Both servers load bench/runtime_speed.py's Q4_K_M file (full width, --layers deep) with the same threads
 and a 4096-token context split over 4 sequences; llama-server is built from the same llama.cpp source with
@@ -142,10 +143,12 @@ def step_bytes(path: Path, batch: int) -> dict[str, float]:
     the output matrix, read whole every step."""
     import gguf
 
+    from marco_gguf.registry import GGUF_ARCH
+
     reader = gguf.GGUFReader(path)
 
     def field(key: str) -> int:
-        f = reader.fields[f"qwen3moe.{key}"]
+        f = reader.fields[f"{GGUF_ARCH}.{key}"]
         return int(f.parts[f.data[0]][0])
 
     n_expert, k, layers = field("expert_count"), field("expert_used_count"), field("block_count")
@@ -194,6 +197,37 @@ def batch_mode(model: Path, threads: int, lines: int, tokens: int, parallel: int
     return wall
 
 
+def engine_only(model: Path, threads: int, rounds: int, tokens: int) -> dict:
+    """tg1 and tg4 through the Python engine in this process (no HTTP, no llama-server): for the full-size
+    file, where the question is the batched step against the bandwidth bound, not the anchor."""
+    from marco_gguf.runtime.bench import read_bandwidth
+    from marco_gguf.runtime.model import load_model
+
+    model_ = load_model(model, n_ctx=256, threads=threads)
+    runs: dict[str, list[float]] = {"tg1": [], "tg4": []}
+    try:
+        with model_.engine(4, 4096) as engine:
+            engine.complete(PROMPTS[0], max_tokens=8, temperature=0)  # warm-up: page the weights in
+            for _ in range(rounds):
+                for streams in (1, 4):
+                    t0 = time.perf_counter()
+                    done = dict(engine.complete_many(PROMPTS[:streams], max_tokens=tokens, temperature=0))
+                    wall = time.perf_counter() - t0
+                    runs[f"tg{streams}"].append(sum(c.completion_tokens for c in done.values()) / wall)
+                    print(f"tg{streams}: {runs[f'tg{streams}'][-1]:.2f}", file=sys.stderr, flush=True)
+    finally:
+        model_.close()
+    best = {k: max(v) for k, v in runs.items()}
+    bandwidth = read_bandwidth(threads) / 2**20
+    one, four = step_bytes(model, 1), step_bytes(model, 4)
+    return {"model": model.name, "threads": threads, "rounds": rounds, "tokens": tokens, "runs": runs, "best": best,
+            "tg4_over_tg1": best["tg4"] / best["tg1"], "read_bandwidth_MiB_s": bandwidth,
+            "bytes": {"one": one, "four": four},
+            "bound": {"tg1": bandwidth / one["step_MiB"], "tg4": 4 * bandwidth / four["step_MiB"]},
+            "of_bound": {"tg1": best["tg1"] * one["step_MiB"] / bandwidth,
+                         "tg4": best["tg4"] * four["step_MiB"] / 4 / bandwidth}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -203,8 +237,15 @@ def main() -> None:
     ap.add_argument("--batch-lines", type=int, default=200)
     ap.add_argument("--batch-tokens", type=int, default=16)
     ap.add_argument("--skip-batch", action="store_true")
+    ap.add_argument("--engine-only", action="store_true", help="tg1/tg4 of the engine in-process against the "
+                    "bandwidth bound, no servers and no batch mode (for the full-size file)")
     args = ap.parse_args()
     model = nano_file(args.layers)
+    if args.engine_only:
+        result = engine_only(model, args.threads, args.rounds, args.tokens)
+        (OUT / f"parallel_engine-L{args.layers}.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
     exe = llama_server()
     greedy = greedy_check(model, args.threads, 64)
     print(f"greedy together vs alone: {greedy}", file=sys.stderr, flush=True)
