@@ -47,9 +47,11 @@ def test_seeds_make_sampling_reproducible(model):
 
 
 def test_end_of_turn_tokens_come_from_the_file(model):
-    """eos (<|im_end|>) from the metadata and the <|endoftext|> control token end a turn; generation stops there."""
-    assert {model.meta["tokenizer.ggml.eos_token_id"], model.vocab.added["<|endoftext|>"]} <= model.stop_ids
-    assert model.vocab.added["<|im_start|>"] not in model.stop_ids
+    """eos (<|im_end|>) from the metadata and the tokens llama.cpp ends generation at end a turn: by their text
+    <|endoftext|>, and Qwen's FIM pad, repository and file separators (llama-vocab.cpp); generation stops there."""
+    assert model.meta["tokenizer.ggml.eos_token_id"] == model.vocab.added["<|im_end|>"]
+    ends = ("<|im_end|>", "<|endoftext|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+    assert model.stop_ids == {model.vocab.added[name] for name in ends}
     tokens = model.stream("Ciao", temperature=0, max_tokens=4)
     list(tokens)
     saved = model.stop_ids
