@@ -42,8 +42,8 @@ def nano_checkpoint(layers: int) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from marco_gguf.convert.registry import ARCHITECTURES
     from marco_gguf.demo import copy_tokenizer
+    from marco_gguf.registry import MARCO
 
     folder = OUT / f"marco-nano-L{layers}"
     index = folder / "model.safetensors.index.json"
@@ -51,7 +51,7 @@ def nano_checkpoint(layers: int) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     config = NANO | {"num_hidden_layers": layers}
-    arch = ARCHITECTURES[0]
+    arch = MARCO
     hp = arch.read_hparams(config)
     gen = torch.Generator().manual_seed(0)
 
@@ -63,16 +63,7 @@ def nano_checkpoint(layers: int) -> Path:
     weight_map: dict[str, str] = {}
     shards = [None, *range(layers)]
     for i, bid in enumerate(shards):
-        tensors = {}
-        for rule in arch.tensors:
-            if ("{bid}" in rule.hf_name) == (bid is not None) and rule.hf_name != "lm_head.weight":
-                tensors[rule.hf_name.format(bid=bid)] = weight(*rule.shape(hp))
-        if bid is not None:
-            for e in range(hp.n_expert):
-                prefix = f"model.layers.{bid}.mlp.experts.{e}"
-                tensors[f"{prefix}.gate_proj.weight"] = weight(hp.n_ff_exp, hp.n_embd)
-                tensors[f"{prefix}.up_proj.weight"] = weight(hp.n_ff_exp, hp.n_embd)
-                tensors[f"{prefix}.down_proj.weight"] = weight(hp.n_embd, hp.n_ff_exp)
+        tensors = {name: weight(*shape) for name, shape in arch.checkpoint_tensors(hp, bid).items()}
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))

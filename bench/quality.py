@@ -186,7 +186,7 @@ def class_errors(ref, samples, means: dict) -> list[dict]:
     import torch
 
     from marco_gguf.quantize import ggml
-    from marco_gguf.quantize.recipe import tensor_class
+    from marco_gguf.registry import tensor_class
 
     sampler = InputSampler()
     ref.hidden([s.ids for s in samples], sampler)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from marco_gguf.convert.registry import ARCHITECTURES, HParams
+from marco_gguf.registry import MARCO, HParams
 
 TINY_CONFIG = {
     "architectures": ["Qwen3MoeForCausalLM"],
@@ -52,7 +52,7 @@ def write_tiny_checkpoint(folder: Path, config: dict | None = None, seed: int = 
     """Write config, tokenizer and random f16 weights for every tensor the registry expects."""
     config = dict(config or TINY_CONFIG)
     folder.mkdir(parents=True, exist_ok=True)
-    arch = ARCHITECTURES[0]
+    arch = MARCO
     hp: HParams = arch.read_hparams(config)
     rng = np.random.default_rng(seed)
 
@@ -61,17 +61,8 @@ def write_tiny_checkpoint(folder: Path, config: dict | None = None, seed: int = 
             return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float16)
         return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float16)
 
-    tensors = {}
-    for bid in [None, *range(hp.n_layer)]:
-        for rule in arch.tensors:
-            if ("{bid}" in rule.hf_name) == (bid is not None) and not (rule.hf_name == "lm_head.weight" and hp.tied):
-                tensors[rule.hf_name.format(bid=bid)] = weight(rule.shape(hp))
-        if bid is not None:
-            for e in range(hp.n_expert):
-                prefix = f"model.layers.{bid}.mlp.experts.{e}"
-                tensors[f"{prefix}.gate_proj.weight"] = weight((hp.n_ff_exp, hp.n_embd))
-                tensors[f"{prefix}.up_proj.weight"] = weight((hp.n_ff_exp, hp.n_embd))
-                tensors[f"{prefix}.down_proj.weight"] = weight((hp.n_embd, hp.n_ff_exp))
+    tensors = {name: weight(shape) for bid in [None, *range(hp.n_layer)]
+               for name, shape in arch.checkpoint_tensors(hp, bid).items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     copy_tokenizer(folder)

@@ -12,7 +12,7 @@ import numpy as np
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
 from marco_gguf.memory import Footprint
-from marco_gguf.quantize.recipe import tensor_class
+from marco_gguf.registry import tensor_class
 
 CLASS_GROUP = {"expert_gate": "experts gate", "expert_up": "experts up", "expert_down": "experts down",
                "attn_q": "attention", "attn_k": "attention", "attn_v": "attention", "attn_output": "attention",

@@ -13,7 +13,7 @@ import gguf
 
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
-from marco_gguf.quantize.recipe import tensor_class
+from marco_gguf.registry import tensor_class
 
 COMPUTE_OVERHEAD = 128 * 2**20  # scheduler, graph and runtime allocations beside the largest buffer
 N_UBATCH = 512  # llama.cpp's default micro-batch

@@ -1,11 +1,16 @@
-"""Architecture registry: how a Hugging Face architecture maps onto a stock llama.cpp graph.
+"""What Marco is to this package: the one place that knows the Hugging Face and llama.cpp sides of the model.
 
-Each entry reads a config into `HParams`, refuses what the target graph would run wrong, writes
-the GGUF hyper-parameters and names every checkpoint tensor. A future Marco variant is one entry.
+Each registry entry reads a config into `HParams`, refuses what the target llama.cpp graph would run
+wrong, writes the GGUF hyper-parameters, and names every checkpoint tensor (both expert layouts) and
+the GGUF tensor it becomes (gguf-py's TENSOR_NAMES; tests/test_registry.py checks the mapping against
+gguf-py's TensorNameMap). Marco-Nano and Marco-Mini are one entry, llama.cpp's `qwen3moe` graph; a
+future Marco variant is one more. The recipe classes of the GGUF tensors (what quantize/, inspect and
+memory group tensors by) are here too. Everyone else reads these names from here.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -156,6 +161,13 @@ def write_qwen3moe_hparams(w: gguf.GGUFWriter, hp: HParams) -> None:
         w.add_rope_scaling_factor(float(hp.rope_scaling["factor"]))
         if kind == "yarn":
             w.add_rope_scaling_orig_ctx_len(int(hp.rope_scaling["original_max_position_embeddings"]))
+            # YaRN's optional settings, where the config has them, as llama.cpp's converter writes them
+            for key, names in (("ext_factor", ("extrapolation_factor",)),
+                               ("attn_factor", ("attention_factor", "attn_factor")),
+                               ("beta_fast", ("beta_fast",)), ("beta_slow", ("beta_slow",))):
+                value = next((hp.rope_scaling[n] for n in names if hp.rope_scaling.get(n) is not None), None)
+                if value is not None:
+                    w.add_float32(f"{w.arch}.rope.scaling.yarn_{key}", float(value))
 
 
 @dataclass(frozen=True)
@@ -167,7 +179,7 @@ class TensorRule:
     shape: Callable[[HParams], tuple[int, ...]]
 
 
-# Tensors outside the experts; expert weights are matched separately (per-expert or fused).
+# Tensors outside the experts, in GGUF file order; expert weights are matched separately (per-expert or fused).
 QWEN3MOE_TENSORS = (
     TensorRule("model.embed_tokens.weight", MT.TOKEN_EMBD, lambda h: (h.vocab_size, h.n_embd)),
     TensorRule("model.norm.weight", MT.OUTPUT_NORM, lambda h: (h.n_embd,)),
@@ -189,6 +201,30 @@ QWEN3MOE_TENSORS = (
 
 
 @dataclass(frozen=True)
+class ExpertNames:
+    """Where a checkpoint keeps the experts of layer {bid}, in either layout; both become the stacked GGUF tensors
+    [experts, rows, cols] of `projections`. Fused tensors may also carry a ".weight" suffix."""
+
+    per_expert: str  # one 2-D tensor per expert and projection (transformers 4): {bid}, {e}, {proj}
+    fused_gate_up: str  # [experts, 2 * n_ff_exp, n_embd]: each expert's gate rows, then its up rows (transformers 5)
+    fused_down: str  # [experts, n_embd, n_ff_exp]
+    projections: tuple[tuple[str, MT], ...] = (
+        ("gate_proj", MT.FFN_GATE_EXP), ("up_proj", MT.FFN_UP_EXP), ("down_proj", MT.FFN_DOWN_EXP))
+
+    @staticmethod
+    def shape(target: MT, hp: HParams) -> tuple[int, int]:
+        """One expert's matrix: (rows, cols) of gate/up (n_ff_exp, n_embd) or down (n_embd, n_ff_exp)."""
+        return (hp.n_embd, hp.n_ff_exp) if target == MT.FFN_DOWN_EXP else (hp.n_ff_exp, hp.n_embd)
+
+
+QWEN3MOE_EXPERTS = ExpertNames(
+    per_expert="model.layers.{bid}.mlp.experts.{e}.{proj}.weight",
+    fused_gate_up="model.layers.{bid}.mlp.experts.gate_up_proj",
+    fused_down="model.layers.{bid}.mlp.experts.down_proj",
+)
+
+
+@dataclass(frozen=True)
 class Architecture:
     """A registry entry: one Hugging Face architecture onto one llama.cpp graph."""
 
@@ -199,25 +235,67 @@ class Architecture:
     read_hparams: Callable[[dict], HParams]
     write_hparams: Callable[[gguf.GGUFWriter, HParams], None]
     tensors: tuple[TensorRule, ...]
+    experts: ExpertNames
     pre_tokenizer: str
 
     @property
     def gguf_arch_name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 
+    def rules(self, bid: int | None) -> list[TensorRule]:
+        """The non-expert rules of one layer (bid), or of the tensors outside the layers (None)."""
+        return [r for r in self.tensors if ("{bid}" in r.hf_name) == (bid is not None)]
 
-ARCHITECTURES = (
-    Architecture(
-        name="Marco-MoE (Qwen3-MoE)",
-        hf_architectures=("Qwen3MoeForCausalLM",),
-        model_types=("qwen3_moe",),
-        gguf_arch=gguf.MODEL_ARCH.QWEN3MOE,
-        read_hparams=read_qwen3moe_hparams,
-        write_hparams=write_qwen3moe_hparams,
-        tensors=QWEN3MOE_TENSORS,
-        pre_tokenizer="qwen2",
-    ),
+    def checkpoint_tensors(self, hp: HParams, bid: int | None, fused: bool = False) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every tensor a checkpoint holds for layer `bid` (None: outside the layers), with
+        the experts per expert or `fused`; no lm_head.weight when the embeddings are tied."""
+        out = {r.hf_name.format(bid=bid): r.shape(hp) for r in self.rules(bid)
+               if not (r.target == MT.OUTPUT and hp.tied)}
+        if bid is None:
+            return out
+        x = self.experts
+        if fused:
+            out[x.fused_gate_up.format(bid=bid)] = (hp.n_expert, 2 * hp.n_ff_exp, hp.n_embd)
+            out[x.fused_down.format(bid=bid)] = (hp.n_expert, hp.n_embd, hp.n_ff_exp)
+            return out
+        for e in range(hp.n_expert):
+            for proj, target in x.projections:
+                out[x.per_expert.format(bid=bid, e=e, proj=proj)] = x.shape(target, hp)
+        return out
+
+    def matrix_shapes(self, hp: HParams) -> dict[str, tuple[int, int]]:
+        """(rows, cols) of one matrix of each 2-D or 3-D GGUF tensor, by tensor_stem ('attn_q', 'ffn_down_exps')."""
+        out = {_stem(r.target): r.shape(hp) for r in self.tensors if len(r.shape(hp)) == 2}
+        return out | {_stem(target): self.experts.shape(target, hp) for _, target in self.experts.projections}
+
+
+def gguf_name(target: MT, bid: int | None) -> str:
+    """The GGUF tensor name of a gguf-py tensor kind in layer `bid` ('blk.3.ffn_down_exps.weight')."""
+    return gguf.TENSOR_NAMES[target].format(bid=bid) + ".weight"
+
+
+def _stem(target: MT) -> str:
+    return gguf.TENSOR_NAMES[target].removeprefix("blk.{bid}.")
+
+
+MARCO = Architecture(
+    name="Marco-MoE (Qwen3-MoE)",
+    hf_architectures=("Qwen3MoeForCausalLM",),
+    model_types=("qwen3_moe",),
+    gguf_arch=gguf.MODEL_ARCH.QWEN3MOE,
+    read_hparams=read_qwen3moe_hparams,
+    write_hparams=write_qwen3moe_hparams,
+    tensors=QWEN3MOE_TENSORS,
+    experts=QWEN3MOE_EXPERTS,
+    pre_tokenizer="qwen2",
 )
+ARCHITECTURES = (MARCO,)
+GGUF_ARCH = MARCO.gguf_arch_name  # "qwen3moe": the llama.cpp graph every Marco GGUF runs on
+
+
+def gguf_architecture(name: str | None) -> Architecture | None:
+    """The registry entry whose llama.cpp graph a GGUF file names (general.architecture), if any."""
+    return next((a for a in ARCHITECTURES if a.gguf_arch_name == name), None)
 
 
 def find_architecture(config: dict) -> Architecture:
@@ -231,3 +309,34 @@ def find_architecture(config: dict) -> Architecture:
     what = ", ".join(declared) if declared else f"model_type {config.get('model_type')!r}"
     known = ", ".join(a for arch in ARCHITECTURES for a in arch.hf_architectures)
     raise MarcoError(f"not a Marco checkpoint: config.json declares {what} (supported: {known})")
+
+
+# Recipe classes of the GGUF tensors: a recipe (quantize/recipe.py) gives each class its types; inspect and
+# memory group tensors by them. Every 1-D tensor and every *norm is a "norm"; anything else is "other".
+CLASS_OF = {
+    MT.FFN_GATE_EXP: "expert_gate", MT.FFN_UP_EXP: "expert_up", MT.FFN_DOWN_EXP: "expert_down",
+    MT.ATTN_Q: "attn_q", MT.ATTN_K: "attn_k", MT.ATTN_V: "attn_v", MT.ATTN_OUT: "attn_output",
+    MT.FFN_GATE_INP: "router", MT.TOKEN_EMBD: "token_embd", MT.OUTPUT: "output",
+}
+CLASSES = (*CLASS_OF.values(), "norm")
+CLASS_OF_SUFFIX = {_stem(t): c for t, c in CLASS_OF.items()}  # 'ffn_down_exps' -> 'expert_down'
+LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def tensor_stem(name: str) -> str:
+    """A GGUF tensor name without its layer and '.weight' ('blk.3.ffn_down_exps.weight' -> 'ffn_down_exps')."""
+    return LAYER.sub("", name).removesuffix(".weight")
+
+
+def tensor_class(name: str, ndim: int) -> str:
+    """The recipe class of a GGUF tensor name ('blk.3.ffn_down_exps.weight' -> 'expert_down')."""
+    stem = tensor_stem(name)
+    if ndim == 1 or stem.endswith("norm"):
+        return "norm"
+    return CLASS_OF_SUFFIX.get(stem, "other")
+
+
+def layer_of(name: str) -> int | None:
+    """The layer of a GGUF tensor name ('blk.3.attn_q.weight' -> 3), None outside the layers."""
+    m = LAYER.match(name)
+    return int(m.group(1)) if m else None

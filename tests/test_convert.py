@@ -130,7 +130,7 @@ def test_metadata_from_folder_and_model_card(tiny_ckpt, tmp_path):
 
 def test_size_label_in_marco_style():
     from marco_gguf.convert.metadata import size_label
-    from marco_gguf.convert.registry import read_qwen3moe_hparams
+    from marco_gguf.registry import read_qwen3moe_hparams
 
     nano = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 1024, "num_hidden_layers": 28,
             "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "num_experts": 232,

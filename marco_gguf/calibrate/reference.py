@@ -18,9 +18,9 @@ import numpy as np
 
 from marco_gguf.convert.checkpoint import Checkpoint, resolve_source
 from marco_gguf.convert.plan import PlannedTensor, plan_tensors
-from marco_gguf.convert.registry import find_architecture
 from marco_gguf.errors import MarcoError
 from marco_gguf.quantize.stream import to_f32
+from marco_gguf.registry import find_architecture
 
 if TYPE_CHECKING:
     import torch

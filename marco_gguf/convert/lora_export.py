@@ -27,11 +27,11 @@ from gguf import GGMLQuantizationType as T
 from marco_gguf.convert.checkpoint import Checkpoint, resolve_source
 from marco_gguf.convert.lora import LoraSpec, LowRank, MergePlan, Replacement, plan_merge
 from marco_gguf.convert.plan import hf_weights
-from marco_gguf.convert.registry import ARCHITECTURES, HParams, find_architecture
 from marco_gguf.errors import MarcoError
 from marco_gguf.files import atomic_output
 from marco_gguf.gguf_file import GGUFFile
 from marco_gguf.quantize.stream import TensorJob, write_gguf
+from marco_gguf.registry import Architecture, HParams, find_architecture, gguf_architecture, tensor_class, tensor_stem
 
 SOURCE_KEY = "marco_gguf.lora.source"
 EXPORT_TYPES = {"f32": T.F32, "f16": T.F16}
@@ -76,8 +76,7 @@ def _base_hparams(base: str | Path) -> tuple[HParams, str]:
     if path.is_file():
         f = GGUFFile(path)
         arch = f.architecture
-        entry = next((a for a in ARCHITECTURES if a.gguf_arch_name == arch), None)
-        if entry is None:
+        if gguf_architecture(arch) is None:
             raise MarcoError(f"{path} is a {arch or 'unnamed-architecture'} model, not a Marco GGUF")
 
         def key(name: str) -> int:
@@ -113,10 +112,10 @@ def export_lora(adapter_dir: str | Path, base: str | Path, out: Path, outtype: s
     if outtype.lower() not in EXPORT_TYPES:
         raise MarcoError(f"adapter type must be one of {', '.join(EXPORT_TYPES)}, got {outtype!r}")
     hp, arch_name = _base_hparams(base)
-    arch = next(a for a in ARCHITECTURES if a.gguf_arch_name == arch_name)
+    arch = gguf_architecture(arch_name)
     plan = plan_merge([LoraSpec(Path(adapter_dir))], hf_weights(arch, hp), hp.tied)
     try:
-        jobs = _jobs(plan, hp, EXPORT_TYPES[outtype.lower()])
+        jobs = _jobs(plan, arch, hp, EXPORT_TYPES[outtype.lower()])
         adapter = plan.adapters[0]
         source = plan.metadata()[0]
 
@@ -135,8 +134,9 @@ def export_lora(adapter_dir: str | Path, base: str | Path, out: Path, outtype: s
         plan.close()
 
 
-def _jobs(plan: MergePlan, hp: HParams, out_type: T) -> list[TensorJob]:
+def _jobs(plan: MergePlan, arch: Architecture, hp: HParams, out_type: T) -> list[TensorJob]:
     name = plan.adapters[0].name
+    shapes = arch.matrix_shapes(hp)
     if plan.untie:
         raise MarcoError(f"LoRA adapter {name} changes one side of this model's tied embeddings, and llama.cpp "
                          "runs a tied model's output layer on token_embd itself, so no run-time adapter is exact; "
@@ -149,9 +149,11 @@ def _jobs(plan: MergePlan, hp: HParams, out_type: T) -> list[TensorJob]:
                 raise MarcoError(
                     f"LoRA adapter {name} saves {hf} whole (modules_to_save), which llama.cpp cannot apply at run "
                     f"time; merge the adapter into the model instead: marco-gguf convert BASE --lora {name} -o OUT")
-        is_experts = "_exps." in gguf_name
+        is_experts = tensor_class(gguf_name, 3).startswith("expert_")
         n_matrices = hp.n_expert if is_experts else 1
-        rows, cols = _gguf_shape(gguf_name, hp)
+        if tensor_stem(gguf_name) not in shapes:
+            raise MarcoError(f"llama.cpp cannot apply a LoRA to {gguf_name} at run time")
+        rows, cols = shapes[tensor_stem(gguf_name)]
 
         def pair(ops=ops, n_matrices=n_matrices, rows=rows, cols=cols):
             """(A [M, R, cols], B [M, rows, R]) for the whole GGUF tensor; zero where a matrix has no delta."""
@@ -206,18 +208,6 @@ def _rank(ops) -> int:
         r = a_shape[0] // delta.n_matrices if delta.kind != "embedding" else a_shape[1]
         per_matrix[part.matrix] = per_matrix.get(part.matrix, 0) + r
     return max(per_matrix.values())
-
-
-def _gguf_shape(gguf_name: str, hp: HParams) -> tuple[int, int]:
-    """(rows, cols) of one matrix of a GGUF tensor."""
-    H, q, kv = hp.n_embd, hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
-    kind = gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else gguf_name.split(".")[0]
-    shapes = {"attn_q": (q, H), "attn_k": (kv, H), "attn_v": (kv, H), "attn_output": (H, q),
-              "ffn_gate_inp": (hp.n_expert, H), "ffn_gate_exps": (hp.n_ff_exp, H), "ffn_up_exps": (hp.n_ff_exp, H),
-              "ffn_down_exps": (H, hp.n_ff_exp), "token_embd": (hp.vocab_size, H), "output": (hp.vocab_size, H)}
-    if kind not in shapes:
-        raise MarcoError(f"llama.cpp cannot apply a LoRA to {gguf_name} at run time")
-    return shapes[kind]
 
 
 def describe(path: Path) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gguf
 
-from marco_gguf.convert.registry import HParams
+from marco_gguf.registry import HParams
 
 
 def billions(n: int) -> str:

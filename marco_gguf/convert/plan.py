@@ -10,14 +10,13 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-import gguf
 import numpy as np
 from gguf import MODEL_TENSOR as MT
 from gguf import GGMLQuantizationType as T
 
 from marco_gguf.convert.checkpoint import Checkpoint, StoredTensor
-from marco_gguf.convert.registry import Architecture, HParams
 from marco_gguf.errors import MarcoError
+from marco_gguf.registry import Architecture, HParams, gguf_name
 
 SOURCE_TYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # derived buffers some exporters save
@@ -74,13 +73,10 @@ def plan_tensors(arch: Architecture, hp: HParams, ckpt: Checkpoint) -> list[Plan
         return t
 
     def add(target: MT, bid: int | None, shape: tuple[int, ...], segments: list[Segment]) -> None:
-        name = gguf.TENSOR_NAMES[target].format(bid=bid) + ".weight"
-        planned.append(PlannedTensor(name, shape, CheckpointRows(ckpt, segments)))
+        planned.append(PlannedTensor(gguf_name(target, bid), shape, CheckpointRows(ckpt, segments)))
 
     for bid in [None, *range(hp.n_layer)]:
-        for rule in arch.tensors:
-            if ("{bid}" in rule.hf_name) != (bid is not None):
-                continue
+        for rule in arch.rules(bid):
             hf_name = rule.hf_name.format(bid=bid)
             shape = rule.shape(hp)
             t = take(hf_name, shape)
@@ -92,39 +88,41 @@ def plan_tensors(arch: Architecture, hp: HParams, ckpt: Checkpoint) -> list[Plan
                 raise MarcoError(f"checkpoint has no tensor {hf_name}")
             add(rule.target, bid, shape, [Segment(t, 0, _rows(t))])
         if bid is not None:
-            for target, shape, segments in _expert_tensors(hp, bid, take):
+            for target, shape, segments in _expert_tensors(arch, hp, bid, take):
                 add(target, bid, shape, segments)
 
     leftovers = [n for n in tensors if not n.endswith(IGNORED_SUFFIXES)]
     if leftovers:
-        raise MarcoError(_unknown_tensor_message(sorted(leftovers)))
+        raise MarcoError(_unknown_tensor_message(sorted(leftovers), arch.gguf_arch_name))
     return planned
 
 
-def _expert_tensors(hp: HParams, bid: int, take) -> list[tuple[MT, tuple[int, ...], list[Segment]]]:
+def _expert_tensors(arch: Architecture, hp: HParams, bid: int,
+                    take) -> list[tuple[MT, tuple[int, ...], list[Segment]]]:
     """Stacked gate/up/down expert tensors of one layer, from per-expert or fused 3-D storage."""
     E, I, H = hp.n_expert, hp.n_ff_exp, hp.n_embd
-    prefix = f"model.layers.{bid}.mlp.experts"
+    x = arch.experts
+    gate_up, down_name = x.fused_gate_up.format(bid=bid), x.fused_down.format(bid=bid)
     gate_shape, down_shape = (E, I, H), (E, H, I)
-    fused = take(f"{prefix}.gate_up_proj", (E, 2 * I, H)) or take(f"{prefix}.gate_up_proj.weight", (E, 2 * I, H))
+    fused = take(gate_up, (E, 2 * I, H)) or take(f"{gate_up}.weight", (E, 2 * I, H))
     if fused is not None:
-        down = take(f"{prefix}.down_proj", down_shape) or take(f"{prefix}.down_proj.weight", down_shape)
+        down = take(down_name, down_shape) or take(f"{down_name}.weight", down_shape)
         if down is None:
-            raise MarcoError(f"checkpoint has {prefix}.gate_up_proj but no {prefix}.down_proj")
+            raise MarcoError(f"checkpoint has {gate_up} but no {down_name}")
         return [
             (MT.FFN_GATE_EXP, gate_shape, [Segment(fused, e * 2 * I, I) for e in range(E)]),
             (MT.FFN_UP_EXP, gate_shape, [Segment(fused, e * 2 * I + I, I) for e in range(E)]),
             (MT.FFN_DOWN_EXP, down_shape, [Segment(down, 0, E * H)]),
         ]
     out = []
-    for proj, target, shape in (("gate_proj", MT.FFN_GATE_EXP, (I, H)), ("up_proj", MT.FFN_UP_EXP, (I, H)),
-                                ("down_proj", MT.FFN_DOWN_EXP, (H, I))):
+    for proj, target in x.projections:
+        shape = x.shape(target, hp)
         segments = []
         for e in range(E):
-            t = take(f"{prefix}.{e}.{proj}.weight", shape)
+            name = x.per_expert.format(bid=bid, e=e, proj=proj)
+            t = take(name, shape)
             if t is None:
-                raise MarcoError(f"checkpoint has no tensor {prefix}.{e}.{proj}.weight "
-                                 f"(config.json says {E} experts)")
+                raise MarcoError(f"checkpoint has no tensor {name} (config.json says {E} experts)")
             segments.append(Segment(t, 0, shape[0]))
         out.append((target, (E, *shape), segments))
     return out
@@ -158,30 +156,25 @@ def hf_weights(arch: Architecture, hp: HParams) -> dict[str, HFWeight]:
     one side of the tie gets its own output layer (convert() adds it).
     """
     out: dict[str, HFWeight] = {}
-
-    def name(target: MT, bid: int | None) -> str:
-        return gguf.TENSOR_NAMES[target].format(bid=bid) + ".weight"
-
     for bid in [None, *range(hp.n_layer)]:
-        for rule in arch.tensors:
-            if ("{bid}" in rule.hf_name) != (bid is not None):
-                continue
+        for rule in arch.rules(bid):
             shape = rule.shape(hp)
             rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
-            part = Part(name(rule.target, bid), 0, 0, 0, rows)
+            part = Part(gguf_name(rule.target, bid), 0, 0, 0, rows)
             out[rule.hf_name.format(bid=bid)] = HFWeight((1, rows, cols), (part,))
         if bid is None:
             continue
         E, I, H = hp.n_expert, hp.n_ff_exp, hp.n_embd
-        prefix = f"model.layers.{bid}.mlp.experts"
-        gate, up, down = name(MT.FFN_GATE_EXP, bid), name(MT.FFN_UP_EXP, bid), name(MT.FFN_DOWN_EXP, bid)
-        out[f"{prefix}.gate_up_proj"] = HFWeight((E, 2 * I, H), tuple(
+        x = arch.experts
+        gate, up, down = (gguf_name(t, bid) for t in (MT.FFN_GATE_EXP, MT.FFN_UP_EXP, MT.FFN_DOWN_EXP))
+        out[x.fused_gate_up.format(bid=bid)] = HFWeight((E, 2 * I, H), tuple(
             p for e in range(E) for p in (Part(gate, e, e, 0, I), Part(up, e, e, I, I))))
-        out[f"{prefix}.down_proj"] = HFWeight((E, H, I), tuple(Part(down, e, e, 0, H) for e in range(E)))
+        out[x.fused_down.format(bid=bid)] = HFWeight((E, H, I), tuple(Part(down, e, e, 0, H) for e in range(E)))
         for e in range(E):
-            out[f"{prefix}.{e}.gate_proj.weight"] = HFWeight((1, I, H), (Part(gate, e, 0, 0, I),))
-            out[f"{prefix}.{e}.up_proj.weight"] = HFWeight((1, I, H), (Part(up, e, 0, 0, I),))
-            out[f"{prefix}.{e}.down_proj.weight"] = HFWeight((1, H, I), (Part(down, e, 0, 0, H),))
+            for proj, target in x.projections:
+                rows, cols = x.shape(target, hp)
+                out[x.per_expert.format(bid=bid, e=e, proj=proj)] = HFWeight(
+                    (1, rows, cols), (Part(gguf_name(target, bid), e, 0, 0, rows),))
     return out
 
 
@@ -193,13 +186,13 @@ def untie_output(planned: list[PlannedTensor]) -> list[PlannedTensor]:
     return [*planned[:at], PlannedTensor("output.weight", embd.shape, embd.source), *planned[at:]]
 
 
-def _unknown_tensor_message(names: list[str]) -> str:
+def _unknown_tensor_message(names: list[str], graph: str) -> str:
     first = names[0]
     if any(n.endswith(".bias") for n in names):
-        why = "bias terms, which llama.cpp's qwen3moe graph does not have"
+        why = f"bias terms, which llama.cpp's {graph} graph does not have"
     elif any("shared_expert" in n for n in names):
-        why = "shared experts, which llama.cpp's qwen3moe graph does not have"
+        why = f"shared experts, which llama.cpp's {graph} graph does not have"
     else:
-        why = "no place in llama.cpp's qwen3moe graph"
+        why = f"no place in llama.cpp's {graph} graph"
     more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
     return f"cannot convert: unknown tensor {first}{more}: {why}"

@@ -4,7 +4,8 @@ A recipe maps tensor classes to a preference list of types; a tensor takes the f
 block fits its row length. That is where Marco differs from llama-quantize's presets: Marco-Nano's
 expert down projections have rows of 384 weights, which 256-weight k-quant blocks cannot hold, so
 every preset names a 32-block type for them on purpose instead of falling back silently to a
-bigger one. Marco-Mini's 768-wide rows take the k-quant.
+bigger one. Marco-Mini's 768-wide rows take the k-quant. The classes are the registry's (registry.py);
+the built-in presets are tables in presets.toml.
 """
 
 from __future__ import annotations
@@ -21,28 +22,7 @@ from gguf import LlamaFileType as FT
 
 from marco_gguf.errors import MarcoError
 from marco_gguf.quantize import ggml
-
-CLASSES = ("expert_gate", "expert_up", "expert_down", "attn_q", "attn_k", "attn_v", "attn_output",
-           "router", "token_embd", "output", "norm")
-CLASS_OF_SUFFIX = {
-    "ffn_gate_exps": "expert_gate", "ffn_up_exps": "expert_up", "ffn_down_exps": "expert_down",
-    "attn_q": "attn_q", "attn_k": "attn_k", "attn_v": "attn_v", "attn_output": "attn_output",
-    "ffn_gate_inp": "router", "token_embd": "token_embd", "output": "output",
-}
-LAYER = re.compile(r"^blk\.(\d+)\.")
-
-
-def tensor_class(name: str, ndim: int) -> str:
-    """The recipe class of a GGUF tensor name ('blk.3.ffn_down_exps.weight' -> 'expert_down')."""
-    stem = LAYER.sub("", name).removesuffix(".weight")
-    if ndim == 1 or stem.endswith("norm"):
-        return "norm"
-    return CLASS_OF_SUFFIX.get(stem, "other")
-
-
-def layer_of(name: str) -> int | None:
-    m = LAYER.match(name)
-    return int(m.group(1)) if m else None
+from marco_gguf.registry import CLASSES, layer_of, tensor_class
 
 
 def more_bits_layer(i: int, n: int) -> bool:

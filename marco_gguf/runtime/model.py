@@ -21,6 +21,7 @@ from gguf import Keys
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
 from marco_gguf.host import default_threads
+from marco_gguf.registry import GGUF_ARCH
 from marco_gguf.runtime.experts import expert_override
 from marco_gguf.runtime.grammar import (
     forced_tool,
@@ -38,9 +39,8 @@ from marco_gguf.runtime.sampling import Sampling
 from marco_gguf.runtime.template import ChatTemplate
 from marco_gguf.runtime.tokens import Vocab, nfc
 
-__all__ = ["ARCHITECTURE", "KV_TYPES", "Completion", "MarcoModel", "TokenStream", "load_model", "nfc"]
+__all__ = ["KV_TYPES", "Completion", "MarcoModel", "TokenStream", "load_model", "nfc"]
 
-ARCHITECTURE = "qwen3moe"
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2}  # ggml type ids for the KV cache
 DEFAULT_CTX = 4096
 T = Keys.Tokenizer
@@ -250,9 +250,9 @@ class MarcoModel:
         self.logits_all = logits_all
         self.name = str(meta.get("general.name") or path.stem)
         self.warnings: list[str] = []  # for the caller to show (load_model's choices); the library prints nothing
-        self.experts_trained = int(meta.get(f"{ARCHITECTURE}.expert_used_count") or 0)
+        self.experts_trained = int(meta.get(f"{GGUF_ARCH}.expert_used_count") or 0)
         self.experts_per_token = self.experts_trained  # what llama.cpp runs (load_model's experts_per_token)
-        self.n_ctx_train = int(meta.get(f"{ARCHITECTURE}.context_length") or 0)
+        self.n_ctx_train = int(meta.get(f"{GGUF_ARCH}.context_length") or 0)
         self.sampling = Sampling.from_metadata(meta)
         self.special_tokens = self._special_tokens()
         self.stop_ids = self._stop_ids()
@@ -453,8 +453,8 @@ def check_gguf(path: Path) -> dict[str, Any]:
     file.check()
     meta = file.fields
     arch = meta.get("general.architecture")
-    if arch != ARCHITECTURE:
-        raise MarcoError(f"{path} is a {arch or 'unnamed-architecture'} model, not a Marco ({ARCHITECTURE}) GGUF")
+    if arch != GGUF_ARCH:
+        raise MarcoError(f"{path} is a {arch or 'unnamed-architecture'} model, not a Marco ({GGUF_ARCH}) GGUF")
     return meta
 
 
@@ -487,7 +487,7 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
         weakref.finalize(model, llama_cpp.llama_model_free, ptr)
         return model
 
-    trained = int(meta.get(f"{ARCHITECTURE}.context_length") or 0)
+    trained = int(meta.get(f"{GGUF_ARCH}.context_length") or 0)
     n_ctx = n_ctx if n_ctx is not None else min(DEFAULT_CTX, trained or DEFAULT_CTX)
     if n_ctx < 1:
         raise MarcoError(f"context length must be positive, got {n_ctx}")
@@ -527,7 +527,7 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
     if lora:  # after the silencing: llama.cpp logs every adapter tensor it keeps off the repacked buffers
         from marco_gguf.runtime.lora import attach_loras
 
-        llama.marco_loras = attach_loras(llama, [(Path(p), s) for p, s in lora], ARCHITECTURE)
+        llama.marco_loras = attach_loras(llama, [(Path(p), s) for p, s in lora], GGUF_ARCH)
     model = MarcoModel(llama, path, meta, Vocab(llama_model_get_vocab(llama.model), types), logits_all)
     model.warnings = warnings
     model.experts_per_token = experts_per_token or model.experts_trained
