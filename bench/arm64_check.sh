@@ -34,7 +34,7 @@ python - "$OUT" <<'PY'
 import sys, tempfile
 from pathlib import Path
 from marco_gguf.convert import convert
-from marco_gguf.demo import write_tiny_checkpoint
+from marco_gguf.tiny_checkpoint import write_tiny_checkpoint
 from marco_gguf.quantize.recipe import preset, uniform
 out = Path(sys.argv[1])
 with tempfile.TemporaryDirectory() as tmp:

@@ -42,7 +42,7 @@ def nano_checkpoint(layers: int) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from marco_gguf.demo import copy_tokenizer
+    from marco_gguf.bundled import copy_tokenizer
     from marco_gguf.registry import MARCO
 
     folder = OUT / f"marco-nano-L{layers}"

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from marco_gguf.bundled import copy_tokenizer, data_path  # noqa: E402
 from marco_gguf.convert import convert  # noqa: E402
-from marco_gguf.demo import TINY_CONFIG, copy_tokenizer, data_path, write_tiny_checkpoint  # noqa: E402
 from marco_gguf.quantize.recipe import uniform  # noqa: E402
+from marco_gguf.tiny_checkpoint import TINY_CONFIG, write_tiny_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_CPP_SRC = REPO / ".cache" / "llama.cpp"  # filled by scripts/fetch_llama_cpp.py

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from marco_gguf.cli import app
-from marco_gguf.demo import TINY_CONFIG, write_tiny_checkpoint
+from marco_gguf.tiny_checkpoint import TINY_CONFIG, write_tiny_checkpoint
 
 SMALL = TINY_CONFIG | {"hidden_size": 64, "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2,
                        "head_dim": 16, "moe_intermediate_size": 32, "intermediate_size": 64}

@@ -17,8 +17,8 @@ import pytest
 from test_convert_errors import SMALL, assert_one_line_error, run
 
 from marco_gguf.convert import convert
-from marco_gguf.demo import write_tiny_checkpoint
 from marco_gguf.gguf_file import GGUFFile
+from marco_gguf.tiny_checkpoint import write_tiny_checkpoint
 
 V = gguf.GGUFValueType
 HEADER_DAMAGED = "is a damaged GGUF file"

@@ -49,8 +49,8 @@ def test_the_bare_install_has_no_extras(bare):
 
 def test_bare_install_converts_inspects_and_runs(bare):
     python = bare / "venv" / BIN / "python"
-    made = run([python, "-c", "import sys; from pathlib import Path; "
-                "from marco_gguf.demo import write_tiny_checkpoint; write_tiny_checkpoint(Path(sys.argv[1]))",
+    made = run([python, "-c", "import sys; from pathlib import Path; from marco_gguf.tiny_checkpoint import "
+                "write_tiny_checkpoint; write_tiny_checkpoint(Path(sys.argv[1]))",
                 bare / "ckpt"], timeout=300)
     assert made.returncode == 0, made.stderr
     converted = marco(bare, "convert", bare / "ckpt", "-o", bare / "tiny.gguf", "-q", "Q4_K_M")

@@ -13,9 +13,9 @@ import pytest
 from test_convert_errors import SMALL
 
 from marco_gguf.convert import convert
-from marco_gguf.demo import write_tiny_checkpoint
 from marco_gguf.quantize.from_gguf import quantize_file
 from marco_gguf.quantize.recipe import preset
+from marco_gguf.tiny_checkpoint import write_tiny_checkpoint
 
 NO_MATCH = "--tensor-type no_such_tensor=Q4_0 matches no tensor"
 

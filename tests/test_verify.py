@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from marco_gguf.cli import app
 from marco_gguf.convert import convert
-from marco_gguf.demo import write_tiny_checkpoint
 from marco_gguf.quantize.recipe import preset, uniform
+from marco_gguf.tiny_checkpoint import write_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from marco_gguf.demo import data_path
+from marco_gguf.bundled import data_path
 from marco_gguf.errors import MarcoError
 
 SEQ_LEN = 512  # llama-imatrix's default chunk

@@ -209,8 +209,8 @@ def probe_model() -> Path:
     """A tiny Q4_K_M Marco GGUF for the probe, made once and kept in the user's cache folder."""
     from marco_gguf import __version__
     from marco_gguf.convert import convert
-    from marco_gguf.demo import TINY_CONFIG, write_tiny_checkpoint
     from marco_gguf.quantize.recipe import preset
+    from marco_gguf.tiny_checkpoint import TINY_CONFIG, write_tiny_checkpoint
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "marco-gguf"
     path = cache / f"doctor-probe-{__version__}.gguf"
