@@ -233,7 +233,7 @@ def calibrate(ckpt: Path, work: Path, tokens: int) -> None:
     def imatrix(name: str, max_tokens: int, text: Path | None = None) -> dict:
         if not (work / f"coverage-{name}.json").is_file():
             out = work / f"imatrix-{name}.gguf"
-            cmd = [sys.executable, "-m", "marco_gguf.cli", "imatrix", str(ckpt), "-o", str(out),
+            cmd = [sys.executable, "-m", "marco_gguf", "imatrix", str(ckpt), "-o", str(out),
                    "--max-tokens", str(max_tokens), "--threads", "1", "--force", "--json"]
             report = subprocess.run(cmd + (["--text", str(text)] if text else []), check=True, capture_output=True,
                                     text=True).stdout

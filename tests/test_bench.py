@@ -10,7 +10,7 @@ from conftest import TINY
 from typer.testing import CliRunner
 
 from marco_gguf.cli import app
-from marco_gguf.runtime.device_commands import show_bench
+from marco_gguf.cli.machine import show_bench
 
 
 def expected_bytes_per_token(position: int) -> int:

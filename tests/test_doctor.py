@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from marco_gguf.cli import app
-from marco_gguf.runtime.device_commands import show_report
+from marco_gguf.cli.machine import show_report
 from marco_gguf.runtime.doctor import (
     Host,
     advise,

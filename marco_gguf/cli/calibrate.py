@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from marco_gguf.app import command, fail, print_json
-from marco_gguf.cli import Force, Json, Threads
-from marco_gguf.ui import console, count_progress, err, progress_bars
+from marco_gguf.cli.command import command, fail, print_json, warn
+from marco_gguf.cli.options import Force, Json, Threads
+from marco_gguf.ui import console, count_progress, progress_bars
 
 Text = Annotated[Path | None, typer.Option("--text", help="Text to run: a .jsonl file of {\"lang\", \"text\"} "
                                            "records or a plain text file (default: the bundled prompts, "
@@ -56,10 +56,9 @@ def imatrix(
         console.print(f"wrote {out} ({len(collector.sums)} tensors, {source})")
     if idle:
         n_idle = sum(len(e) for _, e in idle)
-        err.print(f"[yellow]warning:[/] {n_idle} experts in {len(idle)} layers got no calibration tokens "
-                  f"(first: layer {idle[0][0]}, expert {idle[0][1][0]}); they will be quantized with a neutral "
-                  "importance (all ones), as llama-quantize does. More text, or text in more languages, "
-                  "reaches more experts.", highlight=False, soft_wrap=True)
+        warn(f"{n_idle} experts in {len(idle)} layers got no calibration tokens (first: layer {idle[0][0]}, "
+             f"expert {idle[0][1][0]}); they will be quantized with a neutral importance (all ones), as "
+             "llama-quantize does. More text, or text in more languages, reaches more experts.")
 
 
 @command()

@@ -1,4 +1,4 @@
-"""The Typer application every command module registers on, with one-line error handling."""
+"""The Typer app every command module registers on: failures as one line and an exit code, warnings, JSON."""
 
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
-from marco_gguf.app import command, print_json
+from marco_gguf.cli.command import command, print_json, warn
+from marco_gguf.cli.options import Json
 from marco_gguf.errors import MarcoError
 from marco_gguf.runtime.model import DEFAULT_CTX, KV_TYPES, MarcoModel, load_model
 from marco_gguf.runtime.reasoning import FORMATS as REASONING_FORMATS
@@ -23,7 +23,7 @@ SAMPLE = "Sampling"
 Model = Annotated[Path, typer.Argument(help="Marco GGUF file.", show_default=False)]
 Ctx = Annotated[int | None, typer.Option("--ctx", "-c", help="Context length in tokens (default: "
                                          "min(4096, the trained context)).", rich_help_panel=LOAD)]
-Threads = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: all cores).",
+LoadThreads = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: all cores).",
                                              rich_help_panel=LOAD)]
 GpuLayers = Annotated[int, typer.Option("--gpu-layers", "-ngl", help="Layers to offload to the GPU (-1: all; "
                                         "needs a GPU build).", rich_help_panel=LOAD)]
@@ -55,7 +55,6 @@ RepeatPenalty = Annotated[float | None, typer.Option("--repeat-penalty", help="R
 Seed = Annotated[int | None, typer.Option("--seed", "-s", help="Random seed, for reproducible sampling.",
                                           rich_help_panel=SAMPLE)]
 Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy decoding (temperature 0).", rich_help_panel=SAMPLE)]
-Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 Lora = Annotated[list[Path] | None, typer.Option("--lora", help="LoRA adapter GGUF applied at run time (`marco-gguf "
                                                  "export-lora` makes one); repeatable.", rich_help_panel=LOAD)]
 Parallel = Annotated[int, typer.Option(
@@ -86,7 +85,7 @@ def _load(path: Path, ctx: int | None, threads: int | None, gpu_layers: int = 0,
                        experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=parse_endpoints(rpc),
                        lora=pair_scales(lora, lora_scale), experts_per_token=experts_per_token)
     for warning in model.warnings:
-        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        warn(warning)
     if template is not None:
         model.set_chat_template(template.read_text(encoding="utf-8"))
     return model
@@ -128,7 +127,7 @@ def chat(
                                                "model; its calls are shown, /tool answers them.")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="Longest reply in tokens "
                                                    "(default: until the end of the turn).")] = None,
-    ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
+    ctx: Ctx = None, threads: LoadThreads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
     experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0, rpc: Rpc = None,
     lora: Lora = None, lora_scale: LoraScale = None, experts_per_token: ExpertsPerToken = None,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
@@ -185,7 +184,7 @@ def run(
     as_json: Json = False,
     json_schema: Annotated[Path | None, typer.Option("--json-schema", help="JSON schema file: the output is JSON "
                                                      "that validates against it (constrained decoding).")] = None,
-    ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
+    ctx: Ctx = None, threads: LoadThreads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
     experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0, rpc: Rpc = None,
     lora: Lora = None, lora_scale: LoraScale = None, experts_per_token: ExpertsPerToken = None,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,
@@ -396,7 +395,7 @@ def serve(
         "--reasoning-format", help="deepseek: a reply's <think> text goes to reasoning_content (llama-server's "
         "default); none: it stays in the content. Requests may choose with reasoning_format.")] = "deepseek",
     parallel: Parallel = 1, kv_unified: KvUnified = False,
-    ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
+    ctx: Ctx = None, threads: LoadThreads = None, gpu_layers: GpuLayers = 0, flash_attn: FlashAttn = False,
     experts_on_cpu: ExpertsOnCpu = False, n_cpu_moe: NCpuMoe = 0, rpc: Rpc = None,
     lora: Lora = None, lora_scale: LoraScale = None, experts_per_token: ExpertsPerToken = None,
     kv_type: KvType = "f16", mmap: Mmap = True, mlock: Mlock = False, chat_template: Template = None,

@@ -1,4 +1,4 @@
-"""`marco-gguf`: the command line. Each stage registers its commands on the shared app."""
+"""`marco-gguf convert / export-lora / quantize / inspect / demo`: making GGUF files and looking into them."""
 
 from __future__ import annotations
 
@@ -8,13 +8,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from marco_gguf.app import app, command, fail, print_json, warn
+from marco_gguf.cli.command import command, fail, print_json, warn
+from marco_gguf.cli.options import Force, Json, Threads
 from marco_gguf.files import format_bytes
 from marco_gguf.ui import console, progress_bars
 
-Threads = Annotated[int | None, typer.Option("--threads", "-t", help="Worker threads (default: all cores).")]
-Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
-Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
@@ -303,15 +301,3 @@ def demo(
     with tempfile.TemporaryDirectory(prefix="marco-demo-") as tmp:
         run_demo(Path(tmp), threads, force)
 
-
-import marco_gguf.calibrate.commands  # noqa: E402,F401  (registers imatrix, verify)
-import marco_gguf.runtime.commands  # noqa: E402,F401  (registers chat, run, tokenize, serve)
-import marco_gguf.runtime.device_commands  # noqa: E402,F401  (registers build-runtime, doctor, bench)
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Commands for the machine the model runs on: build-runtime, doctor, bench."""
+"""`marco-gguf build-runtime / doctor / bench / rpc-server`: the machine the model runs on."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from marco_gguf.app import command, print_json
+from marco_gguf.cli.command import command, print_json, warn
+from marco_gguf.cli.options import Json
 from marco_gguf.errors import MarcoError
 from marco_gguf.files import format_bytes
 from marco_gguf.ui import console, err
-
-Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
 @command("build-runtime")
@@ -153,7 +152,7 @@ def bench(
     with err.status("benchmarking: the Python API, then llama.cpp's decode loop"):
         result = run_bench(model, settings)
     for warning in result["warnings"]:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        warn(warning)
     if as_json:
         print_json(result)
     else:
