@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import gguf
+import llama_cpp
 import numpy as np
 import pytest
 from conftest import copy_checkpoint, need_torch
+from test_doctor import llama_log
 
 from marco_gguf.convert import convert
 from marco_gguf.gguf_file import GGUFFile
@@ -79,14 +84,22 @@ def test_tied_and_untied_output(tiny_f32, fused_f32):
     assert tied == untied - {"output.weight"}
 
 
-def run_llama_converter(src: Path, out: Path, outtype: str, llama_cpp_src: Path) -> None:
+def run_llama_converter(src: Path, out: Path, outtype: str, llama_cpp_src: Path, *args: str) -> None:
     env = os.environ | {"PYTHONPATH": str(llama_cpp_src / "gguf-py")}
     cmd = [sys.executable, str(llama_cpp_src / "convert_hf_to_gguf.py"), str(src), "--outfile", str(out),
-           "--outtype", outtype]
+           "--outtype", outtype, *args]
     subprocess.run(cmd, check=True, env=env, capture_output=True)
 
 
 OURS_ONLY = {"general.size_label", "marco_gguf.recipe", "marco_gguf.version"}
+
+
+def assert_same_metadata(ours: GGUFFile, theirs: GGUFFile) -> None:
+    """Every key llama.cpp's converter writes, with its value; ours adds only OURS_ONLY (and the folder's name)."""
+    assert set(theirs.fields) - OURS_ONLY <= set(ours.fields)
+    assert set(ours.fields) - set(theirs.fields) <= OURS_ONLY | {"general.name"}
+    for key in set(theirs.fields) - OURS_ONLY:
+        assert np.array_equal(theirs.get(key), ours.get(key)), key
 
 
 @pytest.mark.parametrize("ckpt_fixture,outtype", [("tiny_ckpt", "bf16"), ("fused_ckpt", "f16")])
@@ -98,10 +111,7 @@ def test_same_file_as_llama_cpp_converter(request, ckpt_fixture, outtype, llama_
     convert(ckpt, ours_path, uniform(outtype), progress=False)
     theirs, ours = GGUFFile(theirs_path), GGUFFile(ours_path)
 
-    assert set(theirs.fields) - OURS_ONLY <= set(ours.fields)
-    assert set(ours.fields) - set(theirs.fields) <= OURS_ONLY | {"general.name"}  # we fall back to the folder name
-    for key in set(theirs.fields) - OURS_ONLY:
-        assert np.array_equal(theirs.get(key), ours.get(key)), key
+    assert_same_metadata(ours, theirs)
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
         assert len(theirs.get(key)) > 150_000
     assert sorted(t.name for t in theirs.tensors) == sorted(t.name for t in ours.tensors)
@@ -137,3 +147,66 @@ def test_size_label_in_marco_style():
             "num_experts_per_tok": 8, "moe_intermediate_size": 384, "vocab_size": 151936,
             "tie_word_embeddings": True, "norm_topk_prob": True}
     assert size_label(read_qwen3moe_hparams(nano)) == "8B-A0.6B"
+
+
+# RoPE scaling as config.json carries it: rope_scaling with rope_type (YaRN's optional settings too) or the older
+# type key, or transformers 5's rope_parameters (theta and scaling together, no top-level rope_theta)
+ROPE = {
+    "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192,
+                              "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.25}},
+    "linear": {"rope_scaling": {"type": "linear", "factor": 2.0}},
+    "rope_parameters": {"rope_theta": None,
+                        "rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0,
+                                            "original_max_position_embeddings": 8192}},
+}
+# by hand: the GGUF's rope keys, and what llama.cpp makes of them (its print_info; freq_scale = 1 / factor)
+ROPE_KEYS = {
+    "yarn": {"freq_base": 1e6, "scaling.type": "yarn", "scaling.factor": 4.0, "scaling.original_context_length": 8192,
+             "scaling.yarn_beta_fast": 16.0, "scaling.yarn_beta_slow": 2.0, "scaling.yarn_attn_factor": 1.25},
+    "linear": {"freq_base": 1e6, "scaling.type": "linear", "scaling.factor": 2.0},
+    "rope_parameters": {"freq_base": 5e5, "scaling.type": "yarn", "scaling.factor": 4.0,
+                        "scaling.original_context_length": 8192},
+}
+ROPE_IN_LLAMA_CPP = {
+    "yarn": {"rope scaling": "yarn", "freq_base_train": "1000000.0", "freq_scale_train": "0.25",
+             "n_ctx_orig_yarn": "8192"},
+    "linear": {"rope scaling": "linear", "freq_base_train": "1000000.0", "freq_scale_train": "0.5",
+               "n_ctx_orig_yarn": "32768"},
+    "rope_parameters": {"rope scaling": "yarn", "freq_base_train": "500000.0", "freq_scale_train": "0.25",
+                        "n_ctx_orig_yarn": "8192"},
+}
+
+
+def with_config(src: Path, dst: Path, changes: dict) -> Path:
+    """src's weights (linked) and tokenizer under its config with `changes` (None removes a key)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            (dst / f.name).symlink_to(f)
+        else:
+            shutil.copy(f, dst / f.name)
+    config = json.loads((src / "config.json").read_text()) | changes
+    (dst / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return dst
+
+
+@pytest.mark.parametrize("name", ROPE)
+def test_rope_scaling_reaches_llama_cpp(name, mini_ckpt, tmp_path):
+    out = tmp_path / "rope.gguf"
+    convert(with_config(mini_ckpt, tmp_path / "ckpt", ROPE[name]), out, progress=False)
+    f = GGUFFile(out)
+    assert {k.removeprefix("qwen3moe.rope."): f.get(k) for k in f.fields if k.startswith("qwen3moe.rope.")} \
+        == ROPE_KEYS[name]
+    with llama_log() as log:
+        llama_cpp.Llama(str(out), n_ctx=64, verbose=True).close()
+    info = {m.group(1): m.group(2) for line in log if (m := re.match(r"print_info: (.+?)\s+= (.+?)\s*$", line))}
+    assert {k: info.get(k) for k in ROPE_IN_LLAMA_CPP[name]} == ROPE_IN_LLAMA_CPP[name]
+
+
+def test_rope_scaling_metadata_equals_llama_cpp_converters(mini_ckpt, llama_cpp_src, tmp_path):
+    need_torch()  # llama.cpp's converter runs on torch
+    ckpt = with_config(mini_ckpt, tmp_path / "ckpt", ROPE["yarn"])
+    theirs, ours = tmp_path / "llama.gguf", tmp_path / "ours.gguf"
+    run_llama_converter(ckpt, theirs, "f16", llama_cpp_src, "--vocab-only")  # metadata and vocabulary
+    convert(ckpt, ours, progress=False)
+    assert_same_metadata(GGUFFile(ours), GGUFFile(theirs))
