@@ -168,13 +168,6 @@ def write_qwen3moe_hparams(w: gguf.GGUFWriter, hp: HParams) -> None:
                 value = next((hp.rope_scaling[n] for n in names if hp.rope_scaling.get(n) is not None), None)
                 if value is not None:
                     w.add_float32(f"{w.arch}.rope.scaling.yarn_{key}", float(value))
-            # YaRN's optional settings, where the config has them, as llama.cpp's converter writes them
-            for key, names in (("ext_factor", ("extrapolation_factor",)),
-                               ("attn_factor", ("attention_factor", "attn_factor")),
-                               ("beta_fast", ("beta_fast",)), ("beta_slow", ("beta_slow",))):
-                value = next((hp.rope_scaling[n] for n in names if hp.rope_scaling.get(n) is not None), None)
-                if value is not None:
-                    w.add_float32(f"{w.arch}.rope.scaling.yarn_{key}", float(value))
 
 
 @dataclass(frozen=True)
