@@ -476,7 +476,7 @@ def test_budget_planning_reads_through_the_merge(tiny_ckpt, attention_adapter, t
     """--max-size plans on the merged weights (the planner samples rows through the merge) and the file fits;
     no merged source keeps factors loaded afterwards."""
     from marco_gguf.convert.lora import MergedRows
-    from marco_gguf.quantize.planner import Budget
+    from marco_gguf.quantize.budget import Budget
 
     out = tmp_path / "budget.gguf"
     result = convert(tiny_ckpt, out, preset("Q4_K_M"), progress=False, loras=[attention_adapter[0]],

@@ -19,8 +19,8 @@ from marco_gguf.convert import convert
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
 from marco_gguf.quantize import ggml
+from marco_gguf.quantize.budget import Budget
 from marco_gguf.quantize.from_gguf import quantize_file
-from marco_gguf.quantize.planner import Budget
 from marco_gguf.quantize.recipe import PRESETS, preset, uniform
 from marco_gguf.runtime.model import load_model
 

@@ -60,7 +60,7 @@ def _recipe(preset_name: str | None, recipe_file: Path | None, tensor_types: lis
 
 def _budget(max_size: str | None, fit_ram: str | None, ctx: int):
     from marco_gguf.files import parse_size
-    from marco_gguf.quantize.planner import Budget
+    from marco_gguf.quantize.budget import Budget
 
     if max_size and fit_ram:
         raise typer.BadParameter("give either --max-size or --fit-ram, not both")

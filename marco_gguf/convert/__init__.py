@@ -17,9 +17,9 @@ from marco_gguf.convert.vocab import load_vocab
 from marco_gguf.host import default_threads
 from marco_gguf.memory import kv_cache_bytes
 from marco_gguf.progress import Progress
+from marco_gguf.quantize.budget import Budget, ClassInfo, fit_to_budget
 from marco_gguf.quantize.imatrix import attach_imatrix
 from marco_gguf.quantize.output import write_model_file
-from marco_gguf.quantize.planner import Budget, ClassInfo, fit_to_budget
 from marco_gguf.quantize.recipe import Recipe, uniform
 from marco_gguf.quantize.stream import TensorJob, overhead_bytes
 from marco_gguf.registry import HParams, find_architecture

@@ -15,9 +15,9 @@ from marco_gguf.gguf_file import GGUFFile, TensorInfo
 from marco_gguf.memory import Footprint
 from marco_gguf.progress import Progress
 from marco_gguf.quantize import ggml
+from marco_gguf.quantize.budget import Budget, ClassInfo, fit_to_budget
 from marco_gguf.quantize.imatrix import attach_imatrix
 from marco_gguf.quantize.output import write_model_file
-from marco_gguf.quantize.planner import Budget, ClassInfo, fit_to_budget
 from marco_gguf.quantize.recipe import Recipe
 from marco_gguf.quantize.stream import SOURCE_DTYPES, TensorJob, overhead_bytes
 
