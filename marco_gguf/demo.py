@@ -12,9 +12,9 @@ def run_demo(folder: Path, threads: int | None, force: bool) -> None:
     import time
 
     from marco_gguf.convert import convert
-    from marco_gguf.files import format_bytes
     from marco_gguf.quantize.recipe import preset
     from marco_gguf.runtime.model import load_model
+    from marco_gguf.sizes import format_bytes
     from marco_gguf.ui import console, progress_bars
 
     ckpt = folder / "tiny-marco"

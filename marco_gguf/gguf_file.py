@@ -24,8 +24,8 @@ import numpy as np
 from gguf import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
 from marco_gguf.errors import MarcoError
-from marco_gguf.files import format_bytes
 from marco_gguf.native import ggml_base
+from marco_gguf.sizes import format_bytes
 
 V = GGUFValueType
 SCALAR_GETTERS = {V.UINT8: ("u8", ctypes.c_uint8), V.INT8: ("i8", ctypes.c_int8), V.UINT16: ("u16", ctypes.c_uint16),

@@ -192,7 +192,8 @@ def test_a_killed_conversions_partial_is_removed_by_the_next_run(ckpt, tmp_path)
 
     out = tmp_path / "out.gguf"
     writer = subprocess.Popen(
-        [sys.executable, "-c", "import time; from pathlib import Path; from marco_gguf.files import atomic_output\n"
+        [sys.executable, "-c", "import time; from pathlib import Path\n"
+         "from marco_gguf.output_files import atomic_output\n"
          f"with atomic_output(Path({str(out)!r})) as tmp:\n"
          "    tmp.write_bytes(b'GGUF' + bytes(1 << 20)); print('writing', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)

@@ -34,7 +34,7 @@ def imatrix(
     from marco_gguf.calibrate.collect import ImatrixCollector
     from marco_gguf.calibrate.reference import ReferenceModel
     from marco_gguf.calibrate.text import load_samples
-    from marco_gguf.files import check_destination
+    from marco_gguf.output_files import check_destination
     from marco_gguf.quantize.imatrix import write_imatrix
 
     check_destination(out, force)

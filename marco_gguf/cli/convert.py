@@ -10,7 +10,7 @@ from rich.table import Table
 
 from marco_gguf.cli.command import command, fail, print_json, warn
 from marco_gguf.cli.options import Force, Json, Threads
-from marco_gguf.files import format_bytes
+from marco_gguf.sizes import format_bytes
 from marco_gguf.ui import console, progress_bars
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -59,8 +59,8 @@ def _recipe(preset_name: str | None, recipe_file: Path | None, tensor_types: lis
 
 
 def _budget(max_size: str | None, fit_ram: str | None, ctx: int):
-    from marco_gguf.files import parse_size
     from marco_gguf.quantize.budget import Budget
+    from marco_gguf.sizes import parse_size
 
     if max_size and fit_ram:
         raise typer.BadParameter("give either --max-size or --fit-ram, not both")

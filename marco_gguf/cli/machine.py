@@ -11,7 +11,7 @@ from rich.table import Table
 from marco_gguf.cli.command import command, print_json, warn
 from marco_gguf.cli.options import Json
 from marco_gguf.errors import MarcoError
-from marco_gguf.files import format_bytes
+from marco_gguf.sizes import format_bytes
 from marco_gguf.ui import console, err
 
 

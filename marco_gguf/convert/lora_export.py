@@ -28,8 +28,8 @@ from marco_gguf.convert.checkpoint import Checkpoint, resolve_source
 from marco_gguf.convert.lora import LoraSpec, LowRank, MergePlan, Replacement, plan_merge
 from marco_gguf.convert.plan import hf_weights
 from marco_gguf.errors import MarcoError
-from marco_gguf.files import atomic_output
 from marco_gguf.gguf_file import GGUFFile
+from marco_gguf.output_files import atomic_output
 from marco_gguf.quantize.stream import TensorJob, write_gguf
 from marco_gguf.registry import Architecture, HParams, find_architecture, gguf_architecture, tensor_class, tensor_stem
 

@@ -24,7 +24,9 @@ PRE_TOKENIZER_REGEX = {"qwen2": QWEN2_SPLIT}
 
 
 @dataclass
-class Vocab:
+class GGUFVocab:
+    """The vocabulary the converter writes (runtime/tokens.py's LlamaVocab is llama.cpp's, read back at run time)."""
+
     tokens: list[str]
     types: list[int]
     special: gguf.SpecialVocab
@@ -51,7 +53,7 @@ def _split_regex(tokenizer: dict) -> str | None:
     return None
 
 
-def load_vocab(folder: Path, vocab_size: int, pre: str) -> Vocab:
+def load_vocab(folder: Path, vocab_size: int, pre: str) -> GGUFVocab:
     """Read tokenizer.json (+ tokenizer_config.json) into GGUF vocabulary data."""
     try:
         tokenizer = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
@@ -96,4 +98,4 @@ def load_vocab(folder: Path, vocab_size: int, pre: str) -> Vocab:
         raise MarcoError("tokenizer.json has no BPE merges")
     for typ in ("bos", "eos"):  # Qwen tokenizers add neither; llama.cpp's converter writes both flags
         special_vocab.add_special_token.setdefault(typ, False)
-    return Vocab(tokens, types, special_vocab, pre)
+    return GGUFVocab(tokens, types, special_vocab, pre)

@@ -19,11 +19,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from marco_gguf.errors import MarcoError
-from marco_gguf.files import format_bytes
 from marco_gguf.quantize import ggml
 from marco_gguf.quantize.recipe import Recipe
 from marco_gguf.quantize.stream import TensorJob, to_f32
 from marco_gguf.registry import tensor_class
+from marco_gguf.sizes import format_bytes
 
 # Candidate types, cheapest first; a class keeps those that fit its rows. IQ types that need an
 # importance matrix join only when there is one.

@@ -27,8 +27,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from marco_gguf.errors import MarcoError
-from marco_gguf.files import atomic_output
 from marco_gguf.gguf_file import GGUFFile
+from marco_gguf.output_files import atomic_output
 from marco_gguf.quantize import ggml
 from marco_gguf.quantize.stream import TensorJob
 

@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 
 from marco_gguf import __version__
-from marco_gguf.files import atomic_output
+from marco_gguf.output_files import atomic_output
 from marco_gguf.progress import Progress, track
 from marco_gguf.quantize.imatrix import check_imatrix_needed
 from marco_gguf.quantize.recipe import Recipe

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from marco_gguf.errors import MarcoError
-from marco_gguf.files import atomic_output
+from marco_gguf.output_files import atomic_output
 from marco_gguf.runtime.model import ChatPlan, MarcoModel
 from marco_gguf.runtime.reply import ChatReply
 from marco_gguf.runtime.sampling import Sampling

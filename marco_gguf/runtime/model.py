@@ -37,7 +37,7 @@ from marco_gguf.runtime.reasoning import prompt_opens_thinking, template_thinks
 from marco_gguf.runtime.reply import ChatReply, ReplyParser
 from marco_gguf.runtime.sampling import Sampling
 from marco_gguf.runtime.template import ChatTemplate
-from marco_gguf.runtime.tokens import Vocab, nfc
+from marco_gguf.runtime.tokens import LlamaVocab, nfc
 
 __all__ = ["KV_TYPES", "Completion", "MarcoModel", "TokenStream", "load_model", "nfc"]
 
@@ -242,7 +242,7 @@ def _split_at_stop(text: str, stops: tuple[str, ...], final: bool) -> tuple[str,
 class MarcoModel:
     """A loaded model: Hugging Face-exact tokenization and chat template, generation through llama.cpp."""
 
-    def __init__(self, llama: Any, path: Path, meta: dict[str, Any], vocab: Vocab, logits_all: bool = False):
+    def __init__(self, llama: Any, path: Path, meta: dict[str, Any], vocab: LlamaVocab, logits_all: bool = False):
         self.llama = llama  # None when loaded with vocab_only (tokenizing and templating only)
         self.path = path
         self.meta = meta
@@ -483,7 +483,7 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
         import llama_cpp
 
         ptr = _load_vocab_only(path)
-        model = MarcoModel(None, path, meta, Vocab(llama_cpp.llama_model_get_vocab(ptr), types))
+        model = MarcoModel(None, path, meta, LlamaVocab(llama_cpp.llama_model_get_vocab(ptr), types))
         weakref.finalize(model, llama_cpp.llama_model_free, ptr)
         return model
 
@@ -528,7 +528,7 @@ def load_model(path: Path | str, n_ctx: int | None = None, threads: int | None =
         from marco_gguf.runtime.lora import attach_loras
 
         llama.marco_loras = attach_loras(llama, [(Path(p), s) for p, s in lora], GGUF_ARCH)
-    model = MarcoModel(llama, path, meta, Vocab(llama_model_get_vocab(llama.model), types), logits_all)
+    model = MarcoModel(llama, path, meta, LlamaVocab(llama_model_get_vocab(llama.model), types), logits_all)
     model.warnings = warnings
     model.experts_per_token = experts_per_token or model.experts_trained
     return model

@@ -34,7 +34,7 @@ def _alternation(texts: list[str]) -> re.Pattern | None:
     return re.compile("(" + "|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)) + ")")
 
 
-class Vocab:
+class LlamaVocab:
     """llama.cpp's vocabulary of a loaded model, with Hugging Face-compatible tokenization."""
 
     def __init__(self, vocab: llama_cpp.llama_vocab_p, token_types: np.ndarray | None):
