@@ -4,6 +4,8 @@ llama.cpp's file formats, llama.cpp's own quantizer given the same data, and unr
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import gguf
@@ -182,13 +184,19 @@ def imatrix_as_llama_quantize_loads_it(path: Path) -> dict[str, np.ndarray]:
     return means
 
 
-def test_llama_cpp_quantizer_gives_the_same_bytes_with_our_imatrix(calibrated, tiny_ckpt, tiny_f32, tmp_path):
+@pytest.fixture(scope="module")
+def ours_iq2_m(calibrated, tiny_ckpt, tmp_path_factory) -> Path:
+    """IQ2_M with our imatrix, converted in one pass."""
+    out = tmp_path_factory.mktemp("iq2_m") / "ours-IQ2_M.gguf"
+    recipe = preset("IQ2_M").with_overrides(["token_embd=Q6_K"])  # Q6_K: the 39M-weight embedding quickly
+    convert(tiny_ckpt, out, recipe, imatrix=load_imatrix(calibrated[0]), progress=False)
+    return out
+
+
+def test_llama_cpp_quantizer_gives_the_same_bytes_with_our_imatrix(calibrated, ours_iq2_m, tiny_f32, tmp_path):
     """Our converter with the imatrix == llama_model_quantize with the file's data, tensor for tensor."""
     path, _ = calibrated
-    ours = tmp_path / "ours-IQ2_M.gguf"
-    recipe = preset("IQ2_M").with_overrides(["token_embd=Q6_K"])  # Q6_K: the 39M-weight embedding quickly
-    convert(tiny_ckpt, ours, recipe, imatrix=load_imatrix(path), progress=False)
-    want = tensor_bytes(ours)
+    want = tensor_bytes(ours_iq2_m)
     types = {name: t for name, (t, _) in want.items() if t != T.F32}
     assert {T.IQ2_S, T.IQ3_S, T.IQ4_NL, T.Q4_K, T.Q6_K} <= set(types.values())
     theirs = tmp_path / "llama-IQ2_M.gguf"
@@ -198,6 +206,29 @@ def test_llama_cpp_quantizer_gives_the_same_bytes_with_our_imatrix(calibrated, t
     for name, (t, data) in want.items():
         assert got[name][0] == t, name
         assert np.array_equal(got[name][1], data), name
+
+
+LLAMA_QUANTIZE = Path(__file__).resolve().parent.parent / ".cache" / "llama-quantize" / "llama-quantize"
+
+
+@pytest.mark.skipif(not LLAMA_QUANTIZE.is_file(),
+                    reason="llama-quantize not built: python scripts/build_llama_quantize.py")
+def test_llama_quantize_reads_our_imatrix_file(calibrated, ours_iq2_m, tiny_f32, tmp_path):
+    """llama.cpp's own llama-quantize, given our imatrix file (its loader, not ours, reads it), writes the bytes our
+    converter writes with it (IQ2_S, IQ3_S, IQ4_NL and Q4_K, all of which use the importance)."""
+    path, _ = calibrated
+    want = tensor_bytes(ours_iq2_m)
+    overrides = [a for n, (t, _) in want.items() if t != T.F32 for a in ("--tensor-type", f"^{re.escape(n)}$={t.name}")]
+
+    out = tmp_path / "llama-quantize-IQ2_M.gguf"
+    proc = subprocess.run([str(LLAMA_QUANTIZE), "--imatrix", str(path), *overrides, str(tiny_f32), str(out), "IQ2_M",
+                           "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"loaded {len(imatrix_as_llama_quantize_loads_it(path))} importance matrix entries" in proc.stdout
+    got = tensor_bytes(out)
+    assert got.keys() == want.keys()
+    for name, (t, data) in want.items():
+        assert got[name][0] == t and np.array_equal(got[name][1], data), name
 
 
 def test_imatrix_lowers_the_weighted_error_of_expert_tensors(calibrated, tiny_ckpt, tmp_path):
