@@ -2,6 +2,7 @@
 """Merging a LoRA adapter while converting, against converting alone and against the three-step route.
 
     python bench/lora_merge.py [--layers 4] [--threads 2] [--rounds 2] [--rank 16] [--quant Q4_K_M] [--three-step]
+                               [--lock FILE]
 
 Uses the Marco-Nano-shaped checkpoint of common.nano_checkpoint (full width; --layers 28 is the full
 16 GB model, fewer layers keep every per-layer cost) and writes beside it a PEFT LoRA adapter of rank
@@ -11,13 +12,21 @@ cache: `marco-gguf convert --quant Q` and `marco-gguf convert --quant Q --lora A
 --three-step, once: what users do today (transformers loads the bf16 model, PEFT loads the adapter,
 merge_and_unload, save_pretrained, then convert), timed as the sum of its two processes, with the
 disk the merged checkpoint takes. Goal: merge-while-converting <= 1.2x the wall of convert alone and
-peak RSS within 0.5 GB of it. Results: bench/out/lora_merge-L{layers}-{quant}.json.
+peak RSS within 0.5 GB of it. Each run also records its CPU seconds (user + system, of the process and
+its children) and the load average before it: on a shared machine the CPU time and the per-round
+ratios say more than one wall time. --lock FILE holds FILE locked (flock) during each run only, so that
+another benchmark taking the same lock waits for the run, not for the whole script.
+Results: bench/out/lora_merge-L{layers}-{quant}.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
+import resource
 import shutil
 import statistics
 import sys
@@ -76,6 +85,18 @@ model.save_pretrained(out)
 """
 
 
+def measured(cmd: list[str], lock: str | None) -> tuple[Run, float, float]:
+    """A timed run (under the lock, if any): the Run, its CPU seconds and the 1-minute load average before it."""
+    with open(lock, "w") if lock else contextlib.nullcontext() as held:
+        if held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+        load = os.getloadavg()[0]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        run = timed(cmd)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return run, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, load
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--layers", type=int, default=4)
@@ -84,6 +105,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--quant", default="Q4_K_M")
     ap.add_argument("--three-step", action="store_true")
+    ap.add_argument("--lock", help="hold this file locked (flock) during each timed run")
     args = ap.parse_args()
 
     ckpt = nano_checkpoint(args.layers)
@@ -93,19 +115,35 @@ def main() -> None:
                "--threads", str(args.threads), "--force", "--json"]
     sides = {"convert": convert, "convert --lora": [*convert, "--lora", str(adapter)]}
     runs: dict[str, list[Run]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
+    loads: dict[str, list[float]] = {k: [] for k in sides}
     for r in range(args.rounds):
         for name in list(sides) if r % 2 == 0 else reversed(list(sides)):
+            out.unlink(missing_ok=True)  # at full size two outputs at once may not fit on the disk
             warm(ckpt)
             warm(adapter)
-            runs[name].append(timed(sides[name]))
-            print(f"  {name}: {runs[name][-1]}", flush=True)
+            try:
+                run, seconds, load = measured(sides[name], args.lock)
+            except BaseException:
+                out.unlink(missing_ok=True)
+                raise
+            runs[name].append(run)
+            cpu[name].append(seconds)
+            loads[name].append(load)
+            print(f"  round {r} {name}: wall {run.wall_s:.1f} s, CPU {seconds:.1f} s, peak RSS {run.peak_rss_mib:.0f} "
+                  f"MiB (load average before: {load:.2f})", flush=True)
     out.unlink(missing_ok=True)
     wall = {k: statistics.median(x.wall_s for x in v) for k, v in runs.items()}
     rss = {k: max(x.peak_rss_mib for x in v) for k, v in runs.items()}
+    cpu_s = {k: statistics.median(v) for k, v in cpu.items()}
+    per_round = [b.wall_s / a.wall_s for a, b in zip(runs["convert"], runs["convert --lora"], strict=True)]
     result = {"layers": args.layers, "threads": args.threads, "rounds": args.rounds, "rank": args.rank,
               "quant": args.quant, "adapter_bytes": (adapter / "adapter_model.safetensors").stat().st_size,
               "wall_s": wall, "peak_rss_mib": rss, "wall_ratio": wall["convert --lora"] / wall["convert"],
-              "rss_delta_mib": rss["convert --lora"] - rss["convert"]}
+              "rss_delta_mib": rss["convert --lora"] - rss["convert"], "cpu_s": cpu_s,
+              "cpu_ratio": cpu_s["convert --lora"] / cpu_s["convert"], "wall_ratio_per_round": per_round,
+              "runs": {k: [{"wall_s": x.wall_s, "cpu_s": c, "peak_rss_mib": x.peak_rss_mib, "load_before": ld}
+                           for x, c, ld in zip(v, cpu[k], loads[k], strict=True)] for k, v in runs.items()}}
 
     if args.three_step:
         merged = OUT / f"lora-merged-L{args.layers}"
@@ -127,14 +165,15 @@ def main() -> None:
         print(f"  three-step: merge+save {merge}, convert {step3}, {disk / 2**30:.2f} GiB on disk", flush=True)
 
     (OUT / f"lora_merge-L{args.layers}-{args.quant}.json").write_text(json.dumps(result, indent=2))
-    print(f"\n| route ({args.layers} layers, {args.quant}, rank {args.rank}) | wall (s) | peak RSS (MiB) |")
-    print("|---|---|---|")
+    print(f"\n| route ({args.layers} layers, {args.quant}, rank {args.rank}) | wall (s) | CPU (s) | peak RSS (MiB) |")
+    print("|---|---|---|---|")
     for k in runs:
-        print(f"| {k} | {wall[k]:.1f} | {rss[k]:.0f} |")
+        print(f"| {k} | {wall[k]:.1f} | {cpu_s[k]:.1f} | {rss[k]:.0f} |")
     if args.three_step:
         ts = result["three_step"]
         print(f"| transformers merge + save, then convert | {ts['wall_s']:.1f} | {ts['peak_rss_mib']:.0f} |")
-    print(f"\nmerge-while-converting: {result['wall_ratio']:.2f}x the wall of convert alone, "
+    print(f"\nmerge-while-converting: {result['wall_ratio']:.2f}x the wall of convert alone (per round: "
+          f"{', '.join(f'{x:.2f}' for x in per_round)}), {result['cpu_ratio']:.2f}x its CPU time, "
           f"peak RSS {result['rss_delta_mib']:+.0f} MiB")
 
 
