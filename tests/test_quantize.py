@@ -209,17 +209,16 @@ def test_planner_never_exceeds_the_budget(tiny_f32, tmp_path, budget_mib):
     assert result.recipe.name.startswith("Q4_K_M-fit-")
 
 
-@pytest.mark.parametrize("ckpt_fixture, ctx, ram_mib", [("tiny_ckpt", 2048, 500), ("mini_ckpt", 32768, 1400)])
-def test_fit_ram_leaves_room_for_the_kv_cache(request, ckpt_fixture, ctx, ram_mib, tmp_path):
+def test_fit_ram_leaves_room_for_the_kv_cache(mini_ckpt, tmp_path):
     """What llama.cpp allocates for the planned file at that context (its own load log) fits in the RAM given;
-    at 32768 tokens most of it is the attention scores of Marco-Mini's 16 heads (1.1 GiB)."""
+    at 32768 tokens most of it is the attention scores of Marco-Mini's 16 heads (1.1 GiB). (On the tiny fixture
+    at 2048 tokens the file is too small beside the 0.3 GiB of logits for any plan to miss.)"""
     from test_doctor import llama_cpp_buffers
 
-    out, ram = tmp_path / "ram.gguf", ram_mib << 20
-    result = convert(request.getfixturevalue(ckpt_fixture), out, preset("Q4_K_M"), progress=False,
-                     budget=Budget(fit_ram=ram, ctx=ctx))
+    out, ram = tmp_path / "ram.gguf", 1400 << 20
+    result = convert(mini_ckpt, out, preset("Q4_K_M"), progress=False, budget=Budget(fit_ram=ram, ctx=32768))
     assert result.recipe.name.startswith("Q4_K_M-fit")
-    llama = llama_cpp_buffers(out, ctx)
+    llama = llama_cpp_buffers(out, 32768)
     assert out.stat().st_size + llama["kv_cache"] + llama["compute"] <= ram  # the whole file mapped
 
 
