@@ -88,3 +88,44 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(tiny_f32, tiny_ckpt, tmp_path
         assert result.exit_code == 1, result.output
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert CliRunner().invoke(app, ["verify", str(tiny_f32), "-r", str(tiny_ckpt), "--min-top1", "1.5"]).exit_code == 2
+
+
+@pytest.fixture(scope="module")
+def lora_merged(tiny_model, tiny_ckpt, tmp_path_factory) -> tuple[Path, Path]:
+    """A PEFT adapter on attention, and the tiny checkpoint converted to f32 with it merged at scale 0.5."""
+    pytest.importorskip("peft")
+    from test_lora import make_adapter
+
+    folder = tmp_path_factory.mktemp("verify-lora")
+    make_adapter(tiny_model, folder / "adapter", 3, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
+    merged = convert(tiny_ckpt, folder / "merged-f32.gguf", uniform("F32"), progress=False,
+                     loras=[(folder / "adapter", 0.5)]).path
+    return folder / "adapter", merged
+
+
+def test_lora_merged_file_against_base_plus_adapter(lora_merged, tiny_ckpt):
+    """--lora: the reference and the floor merge the adapter, and the merged f32 file agrees with them as a plain
+    f32 conversion agrees with its checkpoint; without it the file is far from the reference and a warning says
+    which adapter the file records."""
+    adapter, merged = lora_merged
+    result = run_verify(merged, tiny_ckpt, "--json", "--floor", "--lora", str(adapter), "--lora-scale", "0.5")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    model, floor = report["model"]["overall"], report["floor"]["overall"]
+    assert model["top1"] >= 0.99 and model["kl_mean"] < 1e-5, model
+    # the floor rounds the merged weights to bf16 (the checkpoint's exact bf16 weights plus a delta) and the
+    # activations: measured KL 3.8e-4, top-1 96%
+    assert floor["kl_mean"] < 1e-3 and floor["top1"] >= 0.9, floor
+    assert report["loras"] == [{"path": str(adapter), "scale": 0.5}] and report["warnings"] == []
+    assert result.stderr == ""
+
+    base = run_verify(merged, tiny_ckpt, "--json", "--no-floor")
+    assert base.exit_code == 0, base.output
+    far = json.loads(base.stdout)
+    assert far["model"]["overall"]["kl_mean"] > 100 * model["kl_mean"], far["model"]["overall"]
+    assert far["loras"] == [] and len(far["warnings"]) == 1
+    assert "adapter x0.5" in far["warnings"][0] and "the reference merges none" in far["warnings"][0]
+    assert "warning:" in base.stderr and "adapter x0.5" in base.stderr
+
+    wrong_scale = run_verify(merged, tiny_ckpt, "--json", "--no-floor", "--lora", str(adapter))
+    assert "the reference merges adapter x1" in json.loads(wrong_scale.stdout)["warnings"][0]

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from marco_gguf.convert.checkpoint import Checkpoint, resolve_source
-from marco_gguf.convert.plan import PlannedTensor, plan_tensors
+from marco_gguf.convert.lora import LoraSpec, plan_merge
+from marco_gguf.convert.plan import PlannedTensor, hf_weights, plan_tensors, untie_output
 from marco_gguf.errors import MarcoError
 from marco_gguf.quantize.stream import to_f32
 from marco_gguf.registry import find_architecture
@@ -55,20 +56,30 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class ReferenceModel:
-    """A checkpoint folder opened for the reference forward pass (use as a context manager)."""
+    """A checkpoint folder opened for the reference forward pass (use as a context manager).
 
-    def __init__(self, src: str | Path, threads: int | None = None):
+    With `loras` (LoRA adapter folders and scales, as `convert` takes them), the weights are the
+    checkpoint's with the adapters merged, read through the converter's own merge.
+    """
+
+    def __init__(self, src: str | Path, threads: int | None = None, loras: Sequence[LoraSpec] = ()):
         self.torch = require_torch()
         self.ckpt = Checkpoint.open(resolve_source(str(src)))
+        self.loras = list(loras)
+        self.merge = None
         try:
             self.arch = find_architecture(self.ckpt.config)
             self.hp = self.arch.read_hparams(self.ckpt.config)
-            self.tensors: dict[str, PlannedTensor] = {p.name: p for p in plan_tensors(self.arch, self.hp, self.ckpt)}
+            planned = plan_tensors(self.arch, self.hp, self.ckpt)
+            if self.loras:
+                self.merge = plan_merge(self.loras, hf_weights(self.arch, self.hp), self.hp.tied)
+                planned = self.merge.wrap(untie_output(planned) if self.merge.untie else planned)
+            self.tensors: dict[str, PlannedTensor] = {p.name: p for p in planned}
             kind = (self.hp.rope_scaling or {}).get("rope_type", (self.hp.rope_scaling or {}).get("type"))
             if kind not in (None, "linear"):
                 raise MarcoError(f"the reference forward pass does not implement {kind} rope scaling")
         except BaseException:
-            self.ckpt.close()
+            self._close_files()
             raise
         self._threads = self.torch.get_num_threads()  # restored by close(): the setting is process-wide
         if threads:
@@ -89,8 +100,13 @@ class ReferenceModel:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def close(self) -> None:
+    def _close_files(self) -> None:
+        if self.merge is not None:
+            self.merge.close()
         self.ckpt.close()
+
+    def close(self) -> None:
+        self._close_files()
         self.torch.set_num_threads(self._threads)
 
     def weight(self, name: str, matrix: int | None = None) -> torch.Tensor:

@@ -6,10 +6,13 @@ likely next token is the same, and KL(reference || GGUF) over the whole vocabula
 unquantized conversion of the same checkpoint at its own precision (bf16 for Marco: the weights
 exactly as trained) gives the floor: what llama.cpp's kernels account for without quantization. It is
 opt-in because it needs scratch disk for a file as large as the checkpoint (16 GB for Marco-Nano).
+A file merged with LoRA adapters is checked against the checkpoint with the same adapters merged
+(the reference's `loras`), and so is its floor.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +21,7 @@ import numpy as np
 
 from marco_gguf.calibrate.reference import ReferenceModel
 from marco_gguf.calibrate.text import Sample
+from marco_gguf.convert.lora import LORA_KEY
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
 from marco_gguf.progress import Progress, track
@@ -96,26 +100,45 @@ def compare(path: Path, ref: ReferenceModel, hidden, samples: Sequence[Sample], 
     return result.report()
 
 
+def lora_mismatch(path: Path, ref: ReferenceModel) -> str | None:
+    """A line saying so when the adapters `path` records as merged (by SHA-256 and scale, in order) are not
+    the ones the reference merges; None when they are."""
+    def described(entries: list[dict]) -> str:
+        return ", ".join(f"{e.get('name')} x{e.get('scale', 1):g}" for e in entries) or "none"
+
+    recorded = [json.loads(x) for x in GGUFFile(path).get(LORA_KEY) or []]
+    merged = [json.loads(x) for x in ref.merge.metadata()] if ref.merge else []
+    if [(e.get("sha256"), e.get("scale")) for e in recorded] == [(e["sha256"], e["scale"]) for e in merged]:
+        return None
+    return (f"{path.name} records the LoRA adapters merged into it as {described(recorded)}, the reference merges "
+            f"{described(merged)}: the comparison measures the adapters' difference too")
+
+
 def verify(path: Path, ref: ReferenceModel, samples: Sequence[Sample], threads: int | None = None,
            floor: bool = False, progress: Progress | None = None) -> dict:
     """Metrics of `path`, and with `floor` of an unquantized conversion of the reference at its own precision.
 
     The report's "floor" is None without it, and "floor_type" names the floor's type (BF16, F16 or F32).
-    Nothing is printed: `progress` (progress.py) sees the tokens (and the floor's bytes) as they are done.
+    "loras" lists the adapters merged into the reference (and the floor), "warnings" what the caller
+    should show. Nothing is printed: `progress` (progress.py) sees the tokens (and the floor's bytes) as
+    they are done.
     """
     from marco_gguf.convert import convert
 
     check_same_model(path, ref)
+    mismatch = lora_mismatch(path, ref)
     total = sum(len(s.ids) for s in samples)
     with track(progress, total * ref.hp.n_layer, f"reference: {total:,} tokens x {ref.hp.n_layer} layers",
                "tokens") as advance:
         hidden = ref.hidden([s.ids for s in samples], on_layer=advance)
-    report = {"model": compare(path, ref, hidden, samples, threads, progress), "floor": None, "floor_type": None}
+    report = {"model": compare(path, ref, hidden, samples, threads, progress), "floor": None, "floor_type": None,
+              "loras": [{"path": str(spec.path), "scale": spec.scale} for spec in ref.loras],
+              "warnings": [mismatch] if mismatch else []}
     if floor:
         with tempfile.TemporaryDirectory(prefix="marco-verify-") as tmp:
             unquantized = Path(tmp) / f"{ref.path.name}-floor.gguf"
             try:
-                written = convert(ref.path, unquantized, threads=threads, progress=progress)
+                written = convert(ref.path, unquantized, threads=threads, progress=progress, loras=ref.loras)
             except MarcoError as exc:
                 raise MarcoError(f"{exc} (for the floor; verify without --floor needs no disk)") from None
             report["floor"] = compare(unquantized, ref, hidden, samples, threads, progress)

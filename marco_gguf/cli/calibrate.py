@@ -74,6 +74,12 @@ def verify(
                                         "llama.cpp's kernels account for without quantization. Needs scratch disk "
                                         "for it, as much as the checkpoint (16 GB for Marco-Nano), and a second "
                                         "llama.cpp run.")] = False,
+    lora: Annotated[list[Path] | None, typer.Option(
+        "--lora", help="PEFT LoRA adapter folder merged into the file (convert --lora): the reference (and the "
+                       "floor) merge it too; repeatable.")] = None,
+    lora_scale: Annotated[list[float] | None, typer.Option(
+        "--lora-scale", help="Strength of the --lora adapters, as given to convert: once for all, or once per "
+                             "--lora in order (default 1).")] = None,
     threads: Threads = None,
     as_json: Json = False,
 ) -> None:
@@ -84,12 +90,16 @@ def verify(
     from marco_gguf.calibrate.reference import ReferenceModel
     from marco_gguf.calibrate.text import load_samples
     from marco_gguf.calibrate.verify import verify as run_verify
+    from marco_gguf.convert.lora import LoraSpec, pair_scales
 
     if min_top1 is not None and not 0 <= min_top1 <= 1:
         raise typer.BadParameter("--min-top1 is a fraction between 0 and 1")
-    with ReferenceModel(reference, threads) as ref:
+    loras = [LoraSpec(path, scale) for path, scale in pair_scales(lora, lora_scale)]
+    with ReferenceModel(reference, threads, loras) as ref:
         samples, source = load_samples(ref.path, text, "evaluation", max_tokens)
         report = run_verify(model, ref, samples, threads, floor, progress=None if as_json else progress_bars)
+    for warning in report["warnings"]:
+        warn(warning)
     overall = report["model"]["overall"]["top1"]
     passed = min_top1 is None or overall >= min_top1
     if as_json:
