@@ -32,10 +32,10 @@ import numpy as np
 from common import OUT, nano_checkpoint, timed, warm
 
 from marco_gguf.gguf_file import GGUFFile
+from marco_gguf.gguf_writer.stream import to_f32
 from marco_gguf.memory import Footprint
 from marco_gguf.quantize import ggml
 from marco_gguf.quantize.from_gguf import copy_header
-from marco_gguf.quantize.stream import to_f32
 
 VARIANTS = {  # name -> (token_embd type, output.weight type or None for tied)
     "tied Q5_K": ("Q5_K", None),

@@ -144,7 +144,7 @@ def test_disk_full_while_writing(ckpt, tmp_path, monkeypatch):
 
 
 def test_ctrl_c_leaves_nothing(ckpt, tmp_path, monkeypatch):
-    from marco_gguf.quantize import stream
+    from marco_gguf.gguf_writer import stream
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

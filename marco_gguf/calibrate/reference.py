@@ -20,7 +20,7 @@ from marco_gguf.convert.checkpoint import Checkpoint, resolve_source
 from marco_gguf.convert.lora import LoraSpec, plan_merge
 from marco_gguf.convert.plan import PlannedTensor, hf_weights, plan_tensors, untie_output
 from marco_gguf.errors import MarcoError
-from marco_gguf.quantize.stream import to_f32
+from marco_gguf.gguf_writer.stream import to_f32
 from marco_gguf.registry import find_architecture
 
 if TYPE_CHECKING:

@@ -14,14 +14,14 @@ from marco_gguf.convert.lora import LORA_KEY, LoraSpec, MergedRows, plan_merge
 from marco_gguf.convert.metadata import model_metadata
 from marco_gguf.convert.plan import hf_weights, plan_tensors, untie_output
 from marco_gguf.convert.vocab import load_vocab
+from marco_gguf.gguf_writer.model_file import write_model_file
+from marco_gguf.gguf_writer.stream import TensorJob, overhead_bytes
 from marco_gguf.host import default_threads
 from marco_gguf.memory import kv_cache_bytes
 from marco_gguf.progress import Progress
 from marco_gguf.quantize.budget import Budget, ClassInfo, fit_to_budget
 from marco_gguf.quantize.imatrix import attach_imatrix
-from marco_gguf.quantize.output import write_model_file
 from marco_gguf.quantize.recipe import Recipe, uniform
-from marco_gguf.quantize.stream import TensorJob, overhead_bytes
 from marco_gguf.registry import HParams, find_architecture
 
 OWN_TYPE = {"float32": "F32", "float16": "F16"}  # config dtype -> output type; bf16 otherwise

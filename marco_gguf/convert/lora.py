@@ -37,9 +37,9 @@ from gguf import GGMLQuantizationType as T
 from marco_gguf.convert.checkpoint import DTYPES, StoredTensor, read_json, read_safetensors_header
 from marco_gguf.convert.plan import HFWeight, Part, PlannedTensor
 from marco_gguf.errors import MarcoError
+from marco_gguf.gguf_writer.stream import SOURCE_DTYPES, RowSource, thread_buffer
 from marco_gguf.host import read_into
 from marco_gguf.quantize import ggml
-from marco_gguf.quantize.stream import SOURCE_DTYPES, RowSource, thread_buffer
 
 LORA_KEY = "marco_gguf.lora.merged"  # one JSON object per merged adapter
 PREFIX = "base_model.model."

@@ -29,8 +29,8 @@ from marco_gguf.convert.lora import LoraSpec, LowRank, MergePlan, Replacement, p
 from marco_gguf.convert.plan import hf_weights
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
+from marco_gguf.gguf_writer.stream import TensorJob, write_gguf
 from marco_gguf.output_files import atomic_output
-from marco_gguf.quantize.stream import TensorJob, write_gguf
 from marco_gguf.registry import Architecture, HParams, find_architecture, gguf_architecture, tensor_class, tensor_stem
 
 SOURCE_KEY = "marco_gguf.lora.source"

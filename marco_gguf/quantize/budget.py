@@ -19,9 +19,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from marco_gguf.errors import MarcoError
+from marco_gguf.gguf_writer.stream import TensorJob, to_f32
 from marco_gguf.quantize import ggml
 from marco_gguf.quantize.recipe import Recipe
-from marco_gguf.quantize.stream import TensorJob, to_f32
 from marco_gguf.registry import tensor_class
 from marco_gguf.sizes import format_bytes
 

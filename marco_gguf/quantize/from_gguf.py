@@ -12,14 +12,14 @@ from gguf import GGMLQuantizationType as T
 
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile, TensorInfo
+from marco_gguf.gguf_writer.model_file import write_model_file
+from marco_gguf.gguf_writer.stream import SOURCE_DTYPES, TensorJob, overhead_bytes
 from marco_gguf.memory import Footprint
 from marco_gguf.progress import Progress
 from marco_gguf.quantize import ggml
 from marco_gguf.quantize.budget import Budget, ClassInfo, fit_to_budget
 from marco_gguf.quantize.imatrix import attach_imatrix
-from marco_gguf.quantize.output import write_model_file
 from marco_gguf.quantize.recipe import Recipe
-from marco_gguf.quantize.stream import SOURCE_DTYPES, TensorJob, overhead_bytes
 
 # Keys the new file writes itself
 REPLACED_KEYS = ("general.architecture", "general.file_type", "general.quantization_version",

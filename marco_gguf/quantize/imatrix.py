@@ -28,9 +28,9 @@ from gguf import GGMLQuantizationType as T
 
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
+from marco_gguf.gguf_writer.stream import TensorJob
 from marco_gguf.output_files import atomic_output
 from marco_gguf.quantize import ggml
-from marco_gguf.quantize.stream import TensorJob
 
 SUMS, COUNTS = ".in_sum2", ".counts"
 DEFAULT_CHUNK = 512  # llama-imatrix's context per chunk, used when a file does not say

@@ -10,11 +10,11 @@ import gguf
 import numpy as np
 
 from marco_gguf import __version__
+from marco_gguf.gguf_writer.stream import TensorJob, write_gguf
 from marco_gguf.output_files import atomic_output
 from marco_gguf.progress import Progress, track
 from marco_gguf.quantize.imatrix import check_imatrix_needed
 from marco_gguf.quantize.recipe import Recipe
-from marco_gguf.quantize.stream import TensorJob, write_gguf
 
 RECIPE_KEY = "marco_gguf.recipe"
 VERSION_KEY = "marco_gguf.version"
