@@ -14,13 +14,12 @@ from marco_gguf.convert.lora import LORA_KEY, LoraSpec, MergedRows, plan_merge
 from marco_gguf.convert.metadata import model_metadata
 from marco_gguf.convert.plan import hf_weights, plan_tensors, untie_output
 from marco_gguf.convert.vocab import load_vocab
-from marco_gguf.gguf_writer.model_file import write_model_file
-from marco_gguf.gguf_writer.stream import TensorJob, overhead_bytes
+from marco_gguf.gguf_writer.model_file import write_model
+from marco_gguf.gguf_writer.stream import TensorJob
 from marco_gguf.host import default_threads
 from marco_gguf.memory import kv_cache_bytes
 from marco_gguf.progress import Progress
-from marco_gguf.quantize.budget import Budget, ClassInfo, fit_to_budget
-from marco_gguf.quantize.imatrix import attach_imatrix
+from marco_gguf.quantize.budget import Budget, ClassInfo, Fit
 from marco_gguf.quantize.recipe import Recipe, uniform
 from marco_gguf.registry import HParams, find_architecture
 
@@ -74,7 +73,6 @@ def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: i
         tied = hp.tied and not untie  # token_embd doubles as the output layer
         jobs = [TensorJob(p.name, p.shape, p.source, recipe.type_for(p.name, p.shape, hp.n_layer, tied))
                 for p in planned]
-        warnings = attach_imatrix(jobs, imatrix) if imatrix is not None else []
 
         def header(w: gguf.GGUFWriter) -> None:
             w.add_type(gguf.GGUFType.MODEL)
@@ -84,20 +82,23 @@ def convert(src: str | Path, out: Path, recipe: Recipe | None = None, threads: i
             if lora_meta:
                 w.add_array(LORA_KEY, lora_meta)
 
+        fit = None
         if budget is not None:
             kv = kv_cache_bytes(budget.ctx, hp.n_layer, hp.n_head_kv, hp.head_dim, hp.head_dim)
-            limit = budget.file_bytes(kv, hp.vocab_size, hp.n_head)
-            recipe, classes = fit_to_budget(jobs, recipe, limit, overhead_bytes(header, jobs, arch.gguf_arch_name),
-                                            hp.n_layer, tied, hp.n_expert, hp.n_expert_used)
+            fit = Fit(budget.file_bytes(kv, hp.vocab_size, hp.n_head), hp.n_layer, tied, hp.n_expert,
+                      hp.n_expert_used)
+
+        def fitted(recipe: Recipe, classes: list[ClassInfo]) -> None:
             if on_plan is not None:
                 on_plan(recipe, classes)
-            for job in jobs:  # the planner sampled rows: start the merged sources' row counts afresh
-                if isinstance(job.source, MergedRows):
-                    job.source.release()
-        warnings += write_model_file(Path(out), header, jobs, arch.gguf_arch_name, recipe,
-                                     threads or default_threads(), force, imatrix, progress)
-        warnings += merge.warnings if merge else []
-        return Result(Path(out), hp, jobs, meta.size_label, recipe, lora_meta, warnings)
+            for p in planned:  # the planner sampled rows: start the merged sources' row counts afresh
+                if isinstance(p.source, MergedRows):
+                    p.source.release()
+
+        written = write_model(Path(out), header, jobs, arch.gguf_arch_name, recipe, threads or default_threads(),
+                              force, imatrix, progress, fit, fitted)
+        warnings = written.warnings + (merge.warnings if merge else [])
+        return Result(Path(out), hp, written.jobs, meta.size_label, written.recipe, lora_meta, warnings)
     finally:
         if merge is not None:
             merge.close()

@@ -29,7 +29,7 @@ from marco_gguf.convert.lora import LoraSpec, LowRank, MergePlan, Replacement, p
 from marco_gguf.convert.plan import hf_weights
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
-from marco_gguf.gguf_writer.stream import TensorJob, write_gguf
+from marco_gguf.gguf_writer.stream import TensorJob, metadata_writer, write_gguf
 from marco_gguf.output_files import atomic_output
 from marco_gguf.registry import Architecture, HParams, find_architecture, gguf_architecture, tensor_class, tensor_stem
 
@@ -128,7 +128,7 @@ def export_lora(adapter_dir: str | Path, base: str | Path, out: Path, outtype: s
 
         warnings: list[str] = []
         with atomic_output(Path(out), force, sum(j.nbytes for j in jobs) + (1 << 20), warnings) as tmp:
-            write_gguf(tmp, header, jobs, arch_name, threads=1)
+            write_gguf(tmp, metadata_writer(arch_name, header), jobs, threads=1)
         return ExportResult(Path(out), len(jobs) // 2, sum(j.nbytes for j in jobs), warnings)
     finally:
         plan.close()

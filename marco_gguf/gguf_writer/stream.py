@@ -9,7 +9,6 @@ and memory stays at about two tensors' output plus one chunk per thread.
 from __future__ import annotations
 
 import math
-import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -38,9 +37,10 @@ class RowSource(Protocol):
     def read(self, first_row: int, n_rows: int, out: np.ndarray | None = None) -> np.ndarray: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class TensorJob:
-    """One output tensor: its GGUF name, numpy-order shape, where its rows come from, and its type."""
+    """One output tensor: its GGUF name, numpy-order shape, where its rows come from, and its type (a new
+    type or importance data is a new job: dataclasses.replace)."""
 
     name: str
     shape: tuple[int, ...]
@@ -118,34 +118,41 @@ def _run_chunk(job: TensorJob, out: np.ndarray, first: int, n: int) -> int:
     return n * job.row_len
 
 
-def _start(path: Path, header: Callable[[gguf.GGUFWriter], None], jobs: list[TensorJob], arch: str) -> gguf.GGUFWriter:
-    """A writer with the header, metadata and tensor directory written: ready for the tensor data."""
-    w = gguf.GGUFWriter(path, arch)
-    header(w)
-    for job in jobs:
-        w.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes, raw_dtype=job.type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
+GGUF_FIXED_HEADER = 24  # magic, version, tensor count, key-value count
+RECIPE_KEYS_MARGIN = 4096  # the recipe's keys, added after the overhead is measured (model_file.py)
+
+
+def metadata_writer(arch: str, metadata: Callable[[gguf.GGUFWriter], None]) -> gguf.GGUFWriter:
+    """A writer holding a file's key-values: `metadata` adds them, once, here. More keys may follow until
+    write_gguf writes the file."""
+    w = gguf.GGUFWriter(None, arch)
+    metadata(w)
     return w
 
 
-def overhead_bytes(header: Callable[[gguf.GGUFWriter], None], jobs: list[TensorJob], arch: str) -> int:
-    """Bytes a file takes beyond its tensor data: header, metadata, tensor directory, alignment padding,
-    and 4 KiB for the recipe keys added when the file is written."""
-    with tempfile.TemporaryDirectory() as tmp:
-        w = _start(Path(tmp) / "header.gguf", header, jobs, arch)
-        w.close()
-        return (Path(tmp) / "header.gguf").stat().st_size + len(jobs) * gguf.GGUF_DEFAULT_ALIGNMENT + 4096
+def overhead_bytes(w: gguf.GGUFWriter, jobs: list[TensorJob]) -> int:
+    """Bytes a file takes beyond its tensor data: header, the writer's key-values as gguf-py packs them now,
+    tensor directory, alignment padding, and RECIPE_KEYS_MARGIN for keys added later."""
+    string = gguf.GGUFValueType.STRING
+    kv = sum(len(w._pack_val(key, string, add_vtype=False))
+             + len(w._pack_val(v.value, v.type, add_vtype=True, sub_type=v.sub_type))
+             for key, v in w.kv_data[0].items())
+    # per tensor: its name (u64 length + bytes), u32 dimension count, u64 per dimension, u32 type, u64 offset
+    directory = sum(8 + len(j.name.encode()) + 4 + 8 * len(j.shape) + 4 + 8 for j in jobs)
+    return GGUF_FIXED_HEADER + kv + directory + len(jobs) * gguf.GGUF_DEFAULT_ALIGNMENT + RECIPE_KEYS_MARGIN
 
 
-def write_gguf(path: Path, header: Callable[[gguf.GGUFWriter], None], jobs: list[TensorJob], arch: str,
-               threads: int, on_progress: Callable[[int], None] = lambda n: None) -> None:
-    """Write a GGUF file: `header` adds the metadata, then every job's tensor in order.
+def write_gguf(path: Path, w: gguf.GGUFWriter, jobs: list[TensorJob], threads: int,
+               on_progress: Callable[[int], None] = lambda n: None) -> None:
+    """Write a GGUF file: the key-values of `w` (metadata_writer), then every job's tensor in order.
 
     `on_progress` receives the number of source bytes finished after each chunk.
     """
-    w = _start(path, header, jobs, arch)
+    for job in jobs:
+        w.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes, raw_dtype=job.type)
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
     in_flight: deque[tuple[np.ndarray, list[Future]]] = deque()
 
     def drain(keep: int) -> None:

@@ -94,10 +94,23 @@ def _options(jobs: list[TensorJob], with_imatrix: bool) -> list[tuple[T, int, fl
     return frontier
 
 
-def fit_to_budget(jobs: list[TensorJob], base: Recipe, budget: int, overhead: int, n_layer: int, tied: bool,
-                  n_expert: int, n_expert_used: int) -> tuple[Recipe, list[ClassInfo]]:
-    """A recipe whose file (tensors + `overhead` bytes of metadata) fits `budget` bytes, and the classes
-    with their chosen type first in `options`."""
+@dataclass(frozen=True)
+class Fit:
+    """A budget as fitting reads it: the most bytes the file may take (Budget.file_bytes), and the model's
+    layers, tied output and experts, which recipes type tensors by and class weights are counted from."""
+
+    max_bytes: int
+    n_layer: int
+    tied: bool  # token_embd doubles as the output layer
+    n_expert: int
+    n_expert_used: int
+
+
+def fit_to_budget(jobs: list[TensorJob], base: Recipe, fit: Fit,
+                  overhead: int) -> tuple[Recipe, list[TensorJob], list[ClassInfo]]:
+    """A recipe whose file (tensors + `overhead` bytes of metadata) fits `fit.max_bytes`, the jobs typed by it
+    (new jobs: those given keep their types), and the classes with their chosen type first in `options`."""
+    budget, tied = fit.max_bytes, fit.tied
     groups: dict[str, list[TensorJob]] = {}
     fixed = overhead
     for job in jobs:
@@ -112,7 +125,7 @@ def fit_to_budget(jobs: list[TensorJob], base: Recipe, budget: int, overhead: in
     classes = []
     for cls, members in groups.items():
         n = sum(math.prod(j.shape) for j in members)
-        classes.append(ClassInfo(cls, members, _class_weight(cls, n, n_expert, n_expert_used),
+        classes.append(ClassInfo(cls, members, _class_weight(cls, n, fit.n_expert, fit.n_expert_used),
                                  _options(members, with_imatrix)))
     level = {c.cls: 0 for c in classes}
 
@@ -145,9 +158,8 @@ def fit_to_budget(jobs: list[TensorJob], base: Recipe, budget: int, overhead: in
         types["token_embd"] = (chosen["output"],)
     recipe = dataclasses.replace(base, name=f"{base.name}-fit-{format_bytes(budget).replace(' ', '')}", types=types,
                                  more_bits={})
-    for job in jobs:
-        job.type = recipe.type_for(job.name, job.shape, n_layer, tied)
-    return recipe, classes
+    typed = [dataclasses.replace(job, type=recipe.type_for(job.name, job.shape, fit.n_layer, tied)) for job in jobs]
+    return recipe, typed, classes
 
 
 @dataclass(frozen=True)

@@ -12,18 +12,17 @@ from gguf import GGMLQuantizationType as T
 
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile, TensorInfo
-from marco_gguf.gguf_writer.model_file import write_model_file
-from marco_gguf.gguf_writer.stream import SOURCE_DTYPES, TensorJob, overhead_bytes
+from marco_gguf.gguf_writer.model_file import RECIPE_KEY, VERSION_KEY, write_model
+from marco_gguf.gguf_writer.stream import SOURCE_DTYPES, TensorJob
 from marco_gguf.memory import Footprint
 from marco_gguf.progress import Progress
 from marco_gguf.quantize import ggml
-from marco_gguf.quantize.budget import Budget, ClassInfo, fit_to_budget
-from marco_gguf.quantize.imatrix import attach_imatrix
+from marco_gguf.quantize.budget import Budget, ClassInfo, Fit
 from marco_gguf.quantize.recipe import Recipe
 
 # Keys the new file writes itself
-REPLACED_KEYS = ("general.architecture", "general.file_type", "general.quantization_version",
-                 "marco_gguf.recipe", "marco_gguf.version")
+REPLACED_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", RECIPE_KEY,
+                 VERSION_KEY)
 
 
 class GGUFRows:
@@ -104,14 +103,10 @@ def quantize_file(src_path: Path, out: Path, recipe: Recipe, threads: int, force
     if arch is None:
         raise MarcoError(f"{src_path} has no general.architecture")
     jobs = plan_from_gguf(src, recipe, allow_requantize)
-    warnings = attach_imatrix(jobs, imatrix) if imatrix is not None else []
+    fit = None
     if budget is not None:
         fp = Footprint.of(src_path)
-        limit = budget.file_bytes(fp.kv_bytes(budget.ctx), fp.n_vocab, fp.n_head)
-        overhead = overhead_bytes(copy_header(src), jobs, arch)
-        recipe, classes = fit_to_budget(jobs, recipe, limit, overhead, fp.n_layer, fp.tied_output, fp.n_expert,
-                                        fp.n_expert_used)
-        if on_plan is not None:
-            on_plan(recipe, classes)
-    warnings += write_model_file(out, copy_header(src), jobs, arch, recipe, threads, force, imatrix, progress)
-    return Quantized(Path(out), recipe, jobs, warnings)
+        fit = Fit(budget.file_bytes(fp.kv_bytes(budget.ctx), fp.n_vocab, fp.n_head), fp.n_layer, fp.tied_output,
+                  fp.n_expert, fp.n_expert_used)
+    written = write_model(out, copy_header(src), jobs, arch, recipe, threads, force, imatrix, progress, fit, on_plan)
+    return Quantized(Path(out), written.recipe, written.jobs, written.warnings)

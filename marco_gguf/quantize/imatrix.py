@@ -16,6 +16,7 @@ when it reads the same file; it is never dropped, and the user is warned.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from collections.abc import Iterable
@@ -215,12 +216,15 @@ def _n_matrices(job: TensorJob) -> int:
     return math.prod(job.shape[:-2]) if len(job.shape) > 2 else 1
 
 
-def attach_imatrix(jobs: Iterable[TensorJob], imatrix: dict[str, np.ndarray]) -> list[str]:
-    """Give each quantized job its importance rows [n_matrices, row_len]; refuse data of the wrong shape.
+def attach_imatrix(jobs: list[TensorJob], imatrix: dict[str, np.ndarray]) -> tuple[list[TensorJob], list[str]]:
+    """The jobs, each quantized one with its importance rows [n_matrices, row_len] (new jobs: those given are
+    left as they are); data of the wrong shape is refused.
 
-    Returns the warnings (tensors without importance data), for the caller to show."""
+    Also returns the warnings (tensors without importance data), for the caller to show."""
     missing = []
+    out = []
     for job in jobs:
+        out.append(job)
         if job.type in (T.F32, T.F16, T.BF16) or len(job.shape) < 2:
             continue
         data = imatrix.get(job.name)
@@ -237,11 +241,11 @@ def attach_imatrix(jobs: Iterable[TensorJob], imatrix: dict[str, np.ndarray]) ->
         values = np.ascontiguousarray(data, dtype=np.float32).reshape(want)
         if not np.isfinite(values).all():
             raise MarcoError(f"the importance matrix for {job.name} is not finite")
-        job.imatrix = values
+        out[-1] = dataclasses.replace(job, imatrix=values)
     if not missing:
-        return []
+        return out, []
     more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-    return [f"the importance matrix has no data for {missing[0]}{more}; those tensors are quantized without it"]
+    return out, [f"the importance matrix has no data for {missing[0]}{more}; those tensors are quantized without it"]
 
 
 def check_imatrix_needed(jobs: Iterable[TensorJob], imatrix: dict[str, np.ndarray] | None) -> None:
