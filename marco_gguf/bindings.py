@@ -89,7 +89,7 @@ def check_model_params() -> None:
 @functools.cache
 def check() -> None:
     """Check everything once per process; a MarcoError with the supported versions on any difference."""
-    from marco_gguf.native import load_ggml_base
+    from marco_gguf.ggml_library import load_ggml_base
 
     base = load_ggml_base()
     missing = missing_symbols(base, GGML_BASE_SYMBOLS)

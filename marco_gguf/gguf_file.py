@@ -24,7 +24,7 @@ import numpy as np
 from gguf import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
 from marco_gguf.errors import MarcoError
-from marco_gguf.native import ggml_base
+from marco_gguf.ggml_library import ggml_base
 from marco_gguf.sizes import format_bytes
 
 V = GGUFValueType

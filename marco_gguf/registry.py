@@ -246,6 +246,10 @@ class Architecture:
         """The non-expert rules of one layer (bid), or of the tensors outside the layers (None)."""
         return [r for r in self.tensors if ("{bid}" in r.hf_name) == (bid is not None)]
 
+    def hf_name(self, target: MT) -> str:
+        """The Hugging Face name of a tensor outside the layers (MT.OUTPUT -> 'lm_head.weight')."""
+        return next(r.hf_name for r in self.rules(None) if r.target == target)
+
     def checkpoint_tensors(self, hp: HParams, bid: int | None, fused: bool = False) -> dict[str, tuple[int, ...]]:
         """Name and shape of every tensor a checkpoint holds for layer `bid` (None: outside the layers), with
         the experts per expert or `fused`; no lm_head.weight when the embeddings are tied."""

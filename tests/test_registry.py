@@ -9,7 +9,7 @@ import gguf
 import pytest
 from gguf import MODEL_TENSOR as MT
 
-from marco_gguf.convert.plan import hf_weights
+from marco_gguf.convert.tensor_map import hf_weights
 from marco_gguf.registry import GGUF_ARCH, MARCO, gguf_name, tensor_class
 from marco_gguf.runtime.placement import EXPERTS_REGEX
 

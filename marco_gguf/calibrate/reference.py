@@ -18,7 +18,7 @@ import numpy as np
 
 from marco_gguf.convert.checkpoint import Checkpoint, resolve_source
 from marco_gguf.convert.lora import LoraSpec, plan_merge
-from marco_gguf.convert.plan import PlannedTensor, hf_weights, plan_tensors, untie_output
+from marco_gguf.convert.tensor_map import PlannedTensor, hf_weights, plan_tensors, untie_output
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_writer.stream import to_f32
 from marco_gguf.registry import find_architecture

@@ -12,7 +12,7 @@ import numpy as np
 from marco_gguf.convert.checkpoint import Checkpoint, resolve_source
 from marco_gguf.convert.lora import LORA_KEY, LoraSpec, MergedRows, plan_merge
 from marco_gguf.convert.metadata import model_metadata
-from marco_gguf.convert.plan import hf_weights, plan_tensors, untie_output
+from marco_gguf.convert.tensor_map import hf_weights, plan_tensors, untie_output
 from marco_gguf.convert.vocab import load_vocab
 from marco_gguf.gguf_writer.model_file import write_model
 from marco_gguf.gguf_writer.stream import TensorJob

@@ -32,14 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from gguf import MODEL_TENSOR as MT
 from gguf import GGMLQuantizationType as T
 
 from marco_gguf.convert.checkpoint import DTYPES, StoredTensor, read_json, read_safetensors_header
-from marco_gguf.convert.plan import HFWeight, Part, PlannedTensor
+from marco_gguf.convert.tensor_map import HFWeight, Part, PlannedTensor
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_writer.stream import SOURCE_DTYPES, RowSource, thread_buffer
 from marco_gguf.host import read_into
 from marco_gguf.quantize import ggml
+from marco_gguf.registry import MARCO
 
 LORA_KEY = "marco_gguf.lora.merged"  # one JSON object per merged adapter
 PREFIX = "base_model.model."
@@ -327,7 +329,7 @@ def _sha256(path: Path) -> str:
 
 LORA_FACTOR = re.compile(r"(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.lora_(?P<ab>A|B)\.weight")
 LORA_EMBEDDING = re.compile(r"(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.lora_embedding_(?P<ab>A|B)")
-TIED = ("model.embed_tokens.weight", "lm_head.weight")
+TIED = (MARCO.hf_name(MT.TOKEN_EMBD), MARCO.hf_name(MT.OUTPUT))  # the embeddings, and the output layer tied to them
 
 
 def plan_merge(specs: list[LoraSpec], weights: dict[str, HFWeight], tied: bool) -> MergePlan:

@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType as T
 
 from marco_gguf.convert.checkpoint import Checkpoint, resolve_source
 from marco_gguf.convert.lora import LoraSpec, LowRank, MergePlan, Replacement, plan_merge
-from marco_gguf.convert.plan import hf_weights
+from marco_gguf.convert.tensor_map import hf_weights
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
 from marco_gguf.gguf_writer.stream import TensorJob, metadata_writer, write_gguf

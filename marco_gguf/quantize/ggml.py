@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from marco_gguf.errors import MarcoError
-from marco_gguf.native import ggml_base
+from marco_gguf.ggml_library import ggml_base
 
 # Types ggml_quantize_chunk accepts as a destination (ggml.c); float types pass through it too.
 QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K",

@@ -135,7 +135,7 @@ def install_abort_message() -> None:
     global _abort_callback
     if _abort_callback is not None:
         return
-    from marco_gguf.native import ggml_base
+    from marco_gguf.ggml_library import ggml_base
 
     proto = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 

@@ -1,4 +1,5 @@
-"""The ggml base library that llama-cpp-python ships (quantization kernels and the GGUF parser)."""
+"""llama-cpp-python's libggml-base (ggml's quantization kernels and GGUF parser): found in its package,
+loaded by ctypes."""
 
 from __future__ import annotations
 
