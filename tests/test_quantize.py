@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tomllib
@@ -179,6 +180,20 @@ def test_quantize_command_on_a_bf16_file_equals_the_one_pass_conversion(one_pass
     assert ours.fields.keys() == theirs.fields.keys()
     for key in theirs.fields:
         assert np.array_equal(ours.get(key), theirs.get(key)), key
+
+
+def test_untied_budgeted_quantize_of_a_bf16_file_equals_the_conversion(tiny_ckpt, tiny_bf16, tmp_path):
+    """--untie-output with --max-size: `quantize` fits the file it writes (token_embd and output.weight in classes
+    of their own), as `convert` does, so the two give the same types and bytes."""
+    recipe, budget = dataclasses.replace(preset("Q2_K"), untie_output=True), Budget(max_size=55 << 20)
+    ours, theirs = tmp_path / "quantized.gguf", tmp_path / "converted.gguf"
+    q = quantize_file(tiny_bf16, ours, recipe, threads=2, progress=False, budget=budget)
+    c = convert(tiny_ckpt, theirs, recipe, threads=2, progress=False, budget=budget)
+    assert q.recipe == c.recipe
+    a, b = tensor_bytes(ours), tensor_bytes(theirs)
+    assert a.keys() == b.keys() and "output.weight" in a
+    assert a["token_embd.weight"][0] != a["output.weight"][0]  # the budget spent differently on each side
+    assert all(a[n][0] == b[n][0] and np.array_equal(a[n][1], b[n][1]) for n in a)
 
 
 def test_recipe_is_stored_and_inspect_shows_it(tiny_f32, tmp_path):

@@ -106,7 +106,8 @@ def quantize_file(src_path: Path, out: Path, recipe: Recipe, threads: int, force
     fit = None
     if budget is not None:
         fp = Footprint.of(src_path)
-        fit = Fit(budget.file_bytes(fp.kv_bytes(budget.ctx), fp.n_vocab, fp.n_head), fp.n_layer, fp.tied_output,
-                  fp.n_expert, fp.n_expert_used)
+        tied = all(j.name != "output.weight" for j in jobs)  # of the file written: --untie-output adds it
+        fit = Fit(budget.file_bytes(fp.kv_bytes(budget.ctx), fp.n_vocab, fp.n_head), fp.n_layer, tied, fp.n_expert,
+                  fp.n_expert_used)
     written = write_model(out, copy_header(src), jobs, arch, recipe, threads, force, imatrix, progress, fit, on_plan)
     return Quantized(Path(out), written.recipe, written.jobs, written.warnings)
