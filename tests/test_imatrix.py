@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -23,7 +24,7 @@ from marco_gguf.convert import convert
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
 from marco_gguf.quantize import ggml
-from marco_gguf.quantize.imatrix import load_imatrix, read_imatrix, write_imatrix
+from marco_gguf.quantize.imatrix import NEEDS_IMATRIX, load_imatrix, read_imatrix, write_imatrix
 from marco_gguf.quantize.recipe import Recipe, preset
 
 torch = pytest.importorskip("torch")  # every test here runs the torch reference (the calibrate extra)
@@ -278,6 +279,23 @@ def test_experts_without_tokens_are_reported_and_still_quantized(tmp_path):
     stored = data.reshape(N_EXPERT, WIDTH, -1)[5]
     assert np.array_equal(stored.reshape(-1), ggml.quantize(T.IQ2_S, rows, np.ones(HIDDEN, np.float32)).reshape(-1))
     assert ggml.dequantize(T.IQ2_S, stored, HIDDEN).any()
+
+
+def test_budget_with_an_imatrix_measures_iq_types_only_where_it_has_data(calibrated, tiny_ckpt, tmp_path):
+    """An imatrix without rows for the embedding (as llama-imatrix's files have none): fitting a budget tries the
+    IQ types, which ggml cannot quantize without importance rows, only on the classes it covers (ggml aborted the
+    process on the embedding's sample before; run in a subprocess, so a regression fails one test)."""
+    imatrix = read_imatrix(calibrated[0])
+    del imatrix.sums["token_embd.weight"], imatrix.counts["token_embd.weight"]
+    path, out, budget = tmp_path / "no-embedding.imatrix.gguf", tmp_path / "fit.gguf", 19 << 20  # smallest: 18.65
+    write_imatrix(imatrix, path)
+    result = subprocess.run([sys.executable, "-m", "marco_gguf", "convert", str(tiny_ckpt), "-o", str(out), "-q",
+                             "Q3_K_M", "--imatrix", str(path), "--max-size", str(budget), "-t", "2", "--json"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.stat().st_size <= budget
+    iq = {t.name: t.type for t in GGUFFile(out).tensors if t.type in NEEDS_IMATRIX}
+    assert iq and set(iq) <= set(imatrix.sums), iq  # chosen where the data is, never for the embedding
 
 
 def test_presets_that_need_an_imatrix_refuse_to_run_without_one(tiny_ckpt, tmp_path):

@@ -26,7 +26,7 @@ from marco_gguf.registry import tensor_class
 from marco_gguf.sizes import format_bytes
 
 # Candidate types, cheapest first; a class keeps those that fit its rows. IQ types that need an
-# importance matrix join only when there is one.
+# importance matrix join only where it has data for every tensor of the class.
 CANDIDATES = ("Q2_K", "Q3_K", "MXFP4", "IQ4_XS", "Q4_K", "IQ4_NL", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0")
 CANDIDATES_WITH_IMATRIX = ("IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
 FIXED_CLASSES = ("norm", "router", "other")
@@ -121,10 +121,11 @@ def fit_to_budget(jobs: list[TensorJob], base: Recipe, fit: Fit,
             fixed += job.nbytes
         else:
             groups.setdefault(cls, []).append(job)
-    with_imatrix = any(j.imatrix is not None for j in jobs)
     classes = []
     for cls, members in groups.items():
         n = sum(math.prod(j.shape) for j in members)
+        # the IQ types need importance rows: candidates only for a class whose every tensor has them
+        with_imatrix = all(j.imatrix is not None for j in members)
         classes.append(ClassInfo(cls, members, _class_weight(cls, n, fit.n_expert, fit.n_expert_used),
                                  _options(members, with_imatrix)))
     level = {c.cls: 0 for c in classes}
