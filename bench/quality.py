@@ -5,7 +5,10 @@
 
 Random weights cannot tell recipes apart, so `train` fits a Marco-architecture model (the real Qwen3
 tokenizer, hidden 256, 6 layers, 32 experts of width 128 (not a multiple of 256, as Marco-Nano's 384
-is not), top-4, tied embeddings) on the bundled multilingual prompts and caches the checkpoint. It
+is not), top-4, tied embeddings) on the bundled multilingual prompts and caches the checkpoint: by
+default on the calibration split only (even-numbered prompts of each language), so that the evaluation
+split is text it has never seen (`--no-holdout`: every prompt, as the first model, which memorised its
+evaluation text and so sharpened the differences between recipes). It
 needs only torch, transformers and tokenizers, so it also runs on a GPU machine without this package.
 
 `run` measures two levels:
@@ -14,6 +17,8 @@ needs only torch, transformers and tokenizers, so it also runs on a GPU machine 
   (`marco-gguf imatrix`, calibration split): layer size, bits per weight, mean/p99 KL divergence and
   top-1 agreement against the reference forward pass, per language group, on the evaluation split
   (prompts the imatrix never saw);
+- the output matrix (`--parts output`): Q4_K_M with the tied embedding at Q5_K and Q4_K, and untied
+  with output.weight at Q4_K and Q4_0 (token_embd kept at Q6_K), without and with the imatrix;
 - per tensor class: relative output error ||Wx - Ŵx|| / ||Wx|| of candidate types on activations of
   the evaluation split, without and with the imatrix, against bits per weight.
 """
@@ -43,13 +48,21 @@ SEQ = 256
 
 # ---------------------------------------------------------------------------------------------- training
 
-def training_sequences(seed: int = 0) -> list[list[int]]:
-    """All bundled prompts, shuffled, joined by blank lines and cut into sequences of SEQ tokens."""
+def training_sequences(seed: int = 0, holdout: bool = True) -> list[list[int]]:
+    """The bundled prompts, shuffled, joined by blank lines and cut into sequences of SEQ tokens. With
+    `holdout` only the calibration split (even-numbered prompts of each language): the evaluation split
+    stays unseen, so KL is measured on text the model has not memorised (issue 13). Without it, all
+    prompts, as the first model (the evaluation split was in its training text)."""
     from tokenizers import Tokenizer
 
+    from marco_gguf.calibrate.text import bundled_records
+
     tok = Tokenizer.from_file(str(DATA / "tokenizer" / "tokenizer.json"))
-    with open(DATA / "multilingual" / "prompts.jsonl", encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    if holdout:
+        texts = [r["text"] for r in bundled_records("calibration")]
+    else:
+        with open(DATA / "multilingual" / "prompts.jsonl", encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f if line.strip()]
     random.Random(seed).shuffle(texts)
     sep = tok.encode("\n\n", add_special_tokens=False).ids
     stream: list[int] = []
@@ -58,7 +71,7 @@ def training_sequences(seed: int = 0) -> list[list[int]]:
     return [stream[i:i + SEQ] for i in range(0, len(stream) - SEQ + 1, SEQ)]
 
 
-def train(out: Path, seconds: float, device: str, batch: int, lr: float, seed: int = 0) -> None:
+def train(out: Path, seconds: float, device: str, batch: int, lr: float, seed: int = 0, holdout: bool = True) -> None:
     import torch
     import transformers
 
@@ -66,7 +79,7 @@ def train(out: Path, seconds: float, device: str, batch: int, lr: float, seed: i
     torch.manual_seed(seed)
     config = transformers.Qwen3MoeConfig(**CONFIG)
     model = transformers.Qwen3MoeForCausalLM(config).to(device)
-    data = torch.tensor(training_sequences(seed))
+    data = torch.tensor(training_sequences(seed, holdout))
     print(f"{len(data)} sequences of {SEQ} tokens, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters, device {device}", flush=True)
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -99,7 +112,7 @@ def train(out: Path, seconds: float, device: str, batch: int, lr: float, seed: i
     (out / "train_log.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "seconds": seconds, "steps": step,
          "batch": batch, "seq": SEQ, "tokens": step * batch * SEQ, "corpus_tokens": int(data.numel()), "lr": lr,
-         "log": log}, indent=1))
+         "evaluation_split_unseen": holdout, "log": log}, indent=1))
 
 
 LANGUAGE_GROUPS = {
@@ -317,6 +330,14 @@ def run(eval_tokens: int, calibration_tokens: int, parts: set[str], presets: lis
                 order = ["F32", *PRESETS]
                 variants.sort(key=lambda v: order.index(v["preset"]))
             results["variants"] = variants
+        if "output" in parts:  # the output matrix (issue 13): Q4_K_M's tied Q6_K against smaller ones
+            q4 = PRESETS["Q4_K_M"]
+            recipes = {"tied Q5_K": q4.with_overrides(["^token_embd=Q5_K"]),
+                       "tied Q4_K": q4.with_overrides(["^token_embd=Q4_K"]),
+                       "untied, output Q4_K": q4.untied().with_overrides(["^output=Q4_K"]),
+                       "untied, output Q4_0": q4.untied().with_overrides(["^output=Q4_0"])}
+            results["output"] = [ours(recipe, imatrix, preset="Q4_K_M", output=name)
+                                 for name, recipe in recipes.items() for imatrix in ("no", "multilingual")]
         if "down" in parts:
             names = [name for name in DOWN_CANDIDATES if not presets or name in presets]
             rows = [r for r in results.get("down", []) if r["preset"] not in names]  # the others stay
@@ -360,6 +381,12 @@ def markdown(results: dict) -> str:
                      f"{v['imatrix']} | "
                      f"{v['layers_bytes'] / 2**20:.2f} | {v['layers_bpw']:.2f} | {v['kl_mean']:.5f} | "
                      f"{v['kl_p99']:.4f} | {100 * v['top1']:.2f}% |")
+    lines += ["", "| Q4_K_M output matrix | imatrix | file MiB | KL mean | KL p99 | top-1 |",
+              "|---|---|---|---|---|---|"]
+    for v in results.get("output", []):
+        lines.append(f"| {v['output']} | {v['imatrix']} | {v['file_bytes'] / 2**20:.1f} | {v['kl_mean']:.5f} | "
+                     f"{v['kl_p99']:.4f} | {100 * v['top1']:.2f}% |" if "refused" not in v else
+                     f"| {v['output']} | {v['imatrix']} | refused | | | |")
     lines += ["", "| calibration text | tokens | experts with no token | with fewer than 32 | languages |",
               "|---|---|---|---|---|"]
     for name, c in results["coverage"].items():
@@ -385,10 +412,13 @@ def main() -> None:
     t.add_argument("--device", default="auto")
     t.add_argument("--batch", type=int, default=None, help="sequences per step (default 64 on a GPU, 8 on CPU)")
     t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--no-holdout", dest="holdout", action="store_false",
+                   help="train on every prompt, the evaluation split included (the first model's way)")
     r = sub.add_parser("run", help="measure (trains the model first if it is not cached)")
     r.add_argument("--eval-tokens", type=int, default=4096)
     r.add_argument("--calibration-tokens", type=int, default=16384)
-    r.add_argument("--parts", default="presets,down,classes", help="comma-separated: presets, down, classes")
+    r.add_argument("--parts", default="presets,output,down,classes",
+                   help="comma-separated: presets, output (the output matrix's type), down, classes")
     r.add_argument("--presets", default=None,
                    help="comma-separated presets to re-measure in the presets and down parts (default: all)")
     args = parser.parse_args()
@@ -397,7 +427,7 @@ def main() -> None:
 
         batch = args.batch or (64 if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()))
                                else 8)
-        train(args.out, args.seconds, args.device, batch, args.lr)
+        train(args.out, args.seconds, args.device, batch, args.lr, holdout=args.holdout)
     else:
         run(args.eval_tokens, args.calibration_tokens, set(args.parts.split(",")),
             args.presets.split(",") if args.presets else None)
