@@ -171,7 +171,9 @@ def write_gguf(path: Path, w: gguf.GGUFWriter, jobs: list[TensorJob], threads: i
             futures = []
             for first, n in chunks(job):
                 fut = pool.submit(_run_chunk, job, out, first, n)
-                fut.add_done_callback(lambda f, k=itemsize: f.exception() or on_progress(f.result() * k))
+                # a cancelled chunk (another chunk failed: the pool cancels the rest) reports nothing
+                fut.add_done_callback(lambda f, k=itemsize: f.cancelled() or f.exception()
+                                      or on_progress(f.result() * k))
                 futures.append(fut)
             in_flight.append((out, futures))
             drain(keep=1)
