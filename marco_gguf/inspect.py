@@ -86,7 +86,7 @@ def inspect_file(path: Path) -> dict:
         "tensors": table,
         "total": {"tensors": len(reader.tensors), "weights": weights, "bytes": nbytes,
                   "bpw": 8 * nbytes / max(weights, 1)},
-        "per_token": None if problems else per_token_reads(path),
+        "per_token": None if problems else per_token_reads(reader),
         "problems": problems,
     }
 
@@ -111,12 +111,12 @@ def _lora_merged(records, path: Path, problems: list[str]) -> list[dict]:
     return merged
 
 
-def per_token_reads(path: Path) -> dict | None:
+def per_token_reads(reader: GGUFFile) -> dict | None:
     """Bytes one generated token reads on the CPU (memory.Footprint: the active experts' share, every other
     weight, one embedding row; KV cache not counted), for the trained experts per token and the speed dial's
     fewer. None for a file without the hyper-parameters to tell."""
     try:
-        fp = Footprint.of(path)
+        fp = Footprint.of(reader)
     except (MarcoError, KeyError, ValueError):
         return None
     trained = fp.n_expert_used

@@ -56,8 +56,10 @@ class Footprint:
     tied_output: bool  # no output.weight: the output layer reads token_embd
 
     @classmethod
-    def of(cls, path: Path) -> Footprint:
-        gf = GGUFFile(path)
+    def of(cls, source: Path | GGUFFile) -> Footprint:
+        """From a GGUF path, or from a GGUFFile the caller has already read (its header is not parsed again)."""
+        gf = source if isinstance(source, GGUFFile) else GGUFFile(source)
+        path = gf.path
         arch = gf.architecture
 
         def hp(key: str, default: int | None = None) -> int:

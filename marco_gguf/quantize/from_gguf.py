@@ -105,7 +105,7 @@ def quantize_file(src_path: Path, out: Path, recipe: Recipe, threads: int, force
     jobs = plan_from_gguf(src, recipe, allow_requantize)
     fit = None
     if budget is not None:
-        fp = Footprint.of(src_path)
+        fp = Footprint.of(src)
         tied = all(j.name != "output.weight" for j in jobs)  # of the file written: --untie-output adds it
         fit = Fit(budget.file_bytes(fp.kv_bytes(budget.ctx), fp.n_vocab, fp.n_head), fp.n_layer, tied, fp.n_expert,
                   fp.n_expert_used)

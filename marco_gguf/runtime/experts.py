@@ -19,6 +19,11 @@ def experts_key(meta: dict[str, Any]) -> str:
     return f"{meta.get('general.architecture')}.expert_used_count"
 
 
+def trained_experts(meta: dict[str, Any]) -> int:
+    """The experts per token the file says the model was trained with (0 for a file without experts)."""
+    return int(meta.get(experts_key(meta)) or 0)
+
+
 def expert_override(meta: dict[str, Any], k: int | None) -> tuple[dict[str, int], list[str]]:
     """The metadata override that makes each token run `k` experts (none for None or the trained count),
     and the warning to show once when k is not what the model was trained with."""
@@ -26,7 +31,7 @@ def expert_override(meta: dict[str, Any], k: int | None) -> tuple[dict[str, int]
         return {}, []
     arch = meta.get("general.architecture")
     n_expert = int(meta.get(f"{arch}.expert_count") or 0)
-    trained = int(meta.get(experts_key(meta)) or 0)
+    trained = trained_experts(meta)
     if not n_expert or not trained:
         raise MarcoError("--experts-per-token: this file has no experts (no expert_count in its metadata)")
     if not 1 <= k <= n_expert:

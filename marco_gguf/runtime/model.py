@@ -22,7 +22,7 @@ from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
 from marco_gguf.host import default_threads
 from marco_gguf.registry import GGUF_ARCH
-from marco_gguf.runtime.experts import expert_override
+from marco_gguf.runtime.experts import expert_override, trained_experts
 from marco_gguf.runtime.grammar import (
     forced_tool,
     json_schema_grammar,
@@ -250,7 +250,7 @@ class MarcoModel:
         self.logits_all = logits_all
         self.name = str(meta.get("general.name") or path.stem)
         self.warnings: list[str] = []  # for the caller to show (load_model's choices); the library prints nothing
-        self.experts_trained = int(meta.get(f"{GGUF_ARCH}.expert_used_count") or 0)
+        self.experts_trained = trained_experts(meta)
         self.experts_per_token = self.experts_trained  # what llama.cpp runs (load_model's experts_per_token)
         self.n_ctx_train = int(meta.get(f"{GGUF_ARCH}.context_length") or 0)
         self.sampling = Sampling.from_metadata(meta)
