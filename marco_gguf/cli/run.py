@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -197,12 +198,18 @@ def run(
         raise typer.BadParameter("give exactly one of --prompt or --file")
     if file is None and (output is not None or parallel > 1):
         raise typer.BadParameter("--output and --parallel go with --file (batch mode)")
+
+    def load(n_ctx: int | None) -> MarcoModel:
+        return _load(model_path, n_ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
+                     experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora, lora_scale=lora_scale,
+                     experts_per_token=experts_per_token)
+
+    def sampling_of(model: MarcoModel) -> Sampling:
+        return _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy, max_tokens)
+
     if file is not None:
-        _run_batch(model_path, file, output, parallel, kv_unified, max_tokens, as_chat, as_json, json_schema,
-                   ctx, threads, gpu_layers, flash_attn, experts_on_cpu, n_cpu_moe, rpc, lora, lora_scale,
-                   experts_per_token, kv_type,
-                   mmap, mlock, chat_template, chat_template_kwargs, temp, top_p, top_k, min_p, repeat_penalty,
-                   seed, greedy)
+        _run_batch(load, sampling_of, file, output, parallel, kv_unified, ctx, max_tokens, as_chat, as_json,
+                   json_schema, chat_template_kwargs)
         return
     assert prompt is not None
     if prompt == "-":
@@ -211,10 +218,8 @@ def run(
         raise typer.BadParameter("--max-tokens must be at least 1")
     kwargs = _template_kwargs(chat_template_kwargs)
     schema = _read_json(json_schema, "--json-schema", dict)
-    model = _load(model_path, ctx, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
-                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora, lora_scale=lora_scale,
-                  experts_per_token=experts_per_token)
-    sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy, max_tokens)
+    model = load(ctx)
+    sampling = sampling_of(model)
     text = model.render([{"role": "user", "content": prompt}], **kwargs) if as_chat else prompt
     stream = model.stream(text, sampling, json_schema=schema)
     for piece in stream:
@@ -235,15 +240,11 @@ def run(
     model.close()
 
 
-def _run_batch(model_path: Path, file: Path, output: Path | None, parallel: int, kv_unified: bool, max_tokens: int,
-               as_chat: bool, as_json: bool, json_schema: Path | None, ctx: int | None, threads: int | None,
-               gpu_layers: int, flash_attn: bool, experts_on_cpu: bool, n_cpu_moe: int, rpc: str | None,
-               lora: list[Path] | None, lora_scale: list[float] | None, experts_per_token: int | None,
-               kv_type: str, mmap: bool, mlock: bool,
-               chat_template: Path | None, chat_template_kwargs: str | None, temp: float | None,
-               top_p: float | None, top_k: int | None, min_p: float | None, repeat_penalty: float | None,
-               seed: int | None, greedy: bool) -> None:
-    """`run --file`: the prompts through the parallel engine, results in input order, resumable (batch.py)."""
+def _run_batch(load: Callable[[int | None], MarcoModel], sampling_of: Callable[[MarcoModel], Sampling], file: Path,
+               output: Path | None, parallel: int, kv_unified: bool, ctx: int | None, max_tokens: int, as_chat: bool,
+               as_json: bool, json_schema: Path | None, chat_template_kwargs: str | None) -> None:
+    """`run --file`: the prompts through the parallel engine, results in input order, resumable (batch.py).
+    `load` and `sampling_of` carry run's loading and sampling options."""
     from marco_gguf.runtime.batch import completed_lines, read_prompts, run_batch
     from marco_gguf.runtime.grammar import json_schema_grammar
     from marco_gguf.ui import count_progress
@@ -261,10 +262,8 @@ def _run_batch(model_path: Path, file: Path, output: Path | None, parallel: int,
         return
     kwargs = _template_kwargs(chat_template_kwargs)
     schema = _read_json(json_schema, "--json-schema", dict)
-    model = _load(model_path, ENGINE_HOST_CTX, threads, gpu_layers, flash_attn, kv_type, mmap, mlock, chat_template,
-                  experts_on_cpu=experts_on_cpu, n_cpu_moe=n_cpu_moe, rpc=rpc, lora=lora, lora_scale=lora_scale,
-                  experts_per_token=experts_per_token)
-    sampling = _sampling(model, temp, top_p, top_k, min_p, repeat_penalty, seed, greedy, max_tokens)
+    model = load(ENGINE_HOST_CTX)
+    sampling = sampling_of(model)
     if schema is not None:
         sampling = sampling.replace(grammar=json_schema_grammar(schema))
     failed = []
