@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Decode and prompt speed of the installed llama.cpp build against other builds of the same source.
 
-Answers two questions with one method: does the README's portable build (AVX2, no AVX-512) decode
-as fast as the AVX-512 build the README installed before (goal: within 3 %), and what does the
-faster opt-in profile (`cpu-avx512`: VNNI/BF16/VBMI) gain on this CPU (doctor's advice quotes it).
+Answers two questions with one method: does the README's install (portable AVX2 library plus the CPU
+kernel variants `marco-gguf build-kernels` compiles and each process picks, runtime/kernels.py) decode as
+fast as the AVX-512 build the README installed before (goal: within 3 %), and what do the portable kernels
+alone and the opt-in profile (`cpu-avx512`: VNNI/BF16/VBMI) give on this CPU.
+The installed library runs twice: `installed` with the variant this CPU takes (MARCO_GGUF_CPU_KERNELS=auto)
+and `portable` without it (=portable); the other builds always run with their own kernels (=portable).
 
 1. builds libllama + ggml from .cache/llama.cpp (scripts/fetch_llama_cpp.py) with each named
    profile (cmake -C cmake/PROFILE.cmake, shared libraries, niced, -j2; cached in bench/out);
@@ -62,8 +65,8 @@ def package(profile: str, libs: Path) -> Path:
     return root
 
 
-def run_bench(model: Path, root: Path | None, args) -> dict:
-    env = dict(os.environ)
+def run_bench(model: Path, root: Path | None, args, kernels: str = "portable") -> dict:
+    env = dict(os.environ, MARCO_GGUF_CPU_KERNELS=kernels)
     if root is not None:
         env["PYTHONPATH"] = str(root)
         env["LD_LIBRARY_PATH"] = str(root / "llama_cpp" / "lib")
@@ -81,15 +84,17 @@ def main() -> int:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--repetitions", type=int, default=3)
     args = ap.parse_args()
+    from marco_gguf.runtime import kernels  # before llama_cpp: the installed process's kernel choice
+
     import llama_cpp
 
-    builds: dict[str, Path | None] = {"installed": None}
+    builds: dict[str, Path | None] = {"installed": None, "portable": None}
     for profile in args.profiles:
         builds[profile] = package(profile, build(profile))
     results: dict[str, list[dict]] = {name: [] for name in builds}
     for r in range(args.rounds):
         for name, root in builds.items():
-            res = run_bench(args.model, root, args)
+            res = run_bench(args.model, root, args, "auto" if name == "installed" else "portable")
             results[name].append(res)
             print(f"round {r + 1} {name}: tg {res['llama_cpp']['tg']:.2f} (API {res['api']['tg']:.2f}), "
                   f"pp {res['llama_cpp']['pp']:.1f} (API {res['api']['pp']:.1f})", file=sys.stderr, flush=True)
@@ -99,7 +104,7 @@ def main() -> int:
 
     info = llama_cpp.llama_print_system_info().decode().strip()
     print(f"{args.model.name}, {args.threads} thread(s), {args.rounds} interleaved rounds of "
-          f"{args.repetitions} repetitions; installed: {info}")
+          f"{args.repetitions} repetitions; installed: {info}; {kernels.activate().reason}")
     # tokens per CPU second as well: with one thread it is the speed the build's kernels have, and it moves far
     # less than wall-clock rates when other processes share the two cores
     print("| build | llama.cpp tg | API tg | tg ratio | tg per CPU s | ratio | llama.cpp pp | pp ratio | "

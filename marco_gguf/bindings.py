@@ -93,6 +93,9 @@ def check() -> None:
 
     base = load_ggml_base()
     missing = missing_symbols(base, GGML_BASE_SYMBOLS)
+    from marco_gguf.runtime import kernels  # chooses the CPU kernels before llama_cpp loads libggml
+
+    kernels.activate()
     try:
         import llama_cpp
         from llama_cpp._ggml import libggml

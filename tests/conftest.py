@@ -160,6 +160,17 @@ def tiny_f32(tiny_ckpt, gguf_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_q4(tiny_ckpt, gguf_dir) -> Path:
+    """Q4_K_M with Q4_0 down projections: the quantized kernels llama.cpp repacks and runs with SIMD."""
+    from marco_gguf.quantize.recipe import preset
+
+    out = gguf_dir / "tiny-Q4_K_M.gguf"
+    if not out.exists():
+        convert(tiny_ckpt, out, preset("Q4_K_M"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_bf16(tiny_ckpt, gguf_dir) -> Path:
     out = gguf_dir / "tiny-bf16.gguf"
     convert(tiny_ckpt, out, uniform("BF16"), progress=False)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +19,6 @@ from marco_gguf.bindings import GGML_BASE_SYMBOLS, TESTED, _mismatch, check, mis
 from marco_gguf.convert import convert
 from marco_gguf.errors import MarcoError
 from marco_gguf.gguf_file import GGUFFile
-from marco_gguf.quantize.recipe import preset
 from marco_gguf.runtime.isa import _CHILD, _TAIL, INSTRUCTIONS
 
 QEMU = shutil.which("qemu-x86_64")
@@ -27,25 +26,19 @@ needs_qemu = pytest.mark.skipif(QEMU is None or platform.machine() != "x86_64",
                                 reason="needs qemu-x86_64 (Debian's qemu-user) on an x86-64 host")
 
 # load a model, evaluate a prompt, generate a token: everything the installed library does on a CPU
+# marco_gguf's runtime first, as every command imports it: it chooses among the CPU kernel variants
 HASWELL_SCRIPT = r"""
-import sys
-import llama_cpp
+import json, sys
+from marco_gguf.runtime import kernels
 from marco_gguf.runtime.model import load_model
+import llama_cpp
 info = llama_cpp.llama_print_system_info().decode()
 model = load_model(sys.argv[1], n_ctx=128, threads=1)
 c = model.complete("Marco runs on laptops and phones in many languages.", max_tokens=2, temperature=0)
 print("SYSTEM", info)
 print("TOKENS", c.prompt_tokens, c.completion_tokens, c.finish_reason)
+print("KERNELS", json.dumps(kernels.describe(kernels.activate())))
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_q4(tiny_ckpt, gguf_dir) -> Path:
-    """Q4_K_M with Q4_0 down projections: the quantized kernels llama.cpp repacks and runs with SIMD."""
-    out = gguf_dir / "tiny-Q4_K_M.gguf"
-    if not out.exists():
-        convert(tiny_ckpt, out, preset("Q4_K_M"), progress=False)
-    return out
 
 
 def haswell(*argv: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -62,6 +55,12 @@ def test_installed_library_runs_on_an_avx2_only_cpu(tiny_q4):
     assert int(tokens[1]) > 5 and int(tokens[2]) >= 1
     info = next(line for line in proc.stdout.splitlines() if line.startswith("SYSTEM"))
     assert "AVX2 = 1" in info and "AVX512 = 1" not in info
+    chosen = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("KERNELS"))[8:])
+    assert chosen["variant"] is None
+    # the AVX-512 variants the README's install builds were each considered and refused by ggml's CPUID test
+    # in the emulated process (a child process would run natively and say yes)
+    assert len(chosen["skipped"]) == len(chosen["built"])
+    assert all("CPUID" in why for why in chosen["skipped"])
 
 
 @needs_qemu

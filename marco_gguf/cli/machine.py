@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -47,6 +48,44 @@ def build_runtime(
     console.print("check it with: marco-gguf doctor")
 
 
+@command("build-kernels")
+def build_kernels(
+    variants: Annotated[list[str] | None, typer.Option("--variant", help="A variant to build (repeatable; default "
+                                                       "all: zen4, icelake, cascadelake, skylakex).")] = None,
+    source: Annotated[Path | None, typer.Option("--source", help="A llama.cpp or ggml source folder of the "
+                                                "installed version (default: its llama-cpp-python sdist).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild variants already built.")] = False,
+    as_json: Json = False,
+) -> None:
+    """Compile ggml's CPU kernels for the AVX-512 CPU generations (~1-2 minutes); each process then loads the
+    best one this CPU runs, and the installed portable kernels everywhere else."""
+    from marco_gguf.runtime import kernels
+
+    if not kernels.supported():
+        message = "nothing to build: CPU kernel variants are for x86-64 Linux; this install's kernels fit it"
+        print_json({"variants": [], "message": message}) if as_json else console.print(message)
+        return
+    chosen = kernels.VARIANTS
+    if variants:
+        unknown = [v for v in variants if v not in kernels.BY_NAME]
+        if unknown:
+            raise MarcoError(f"unknown variant {unknown[0]!r}; choose from {', '.join(kernels.BY_NAME)}")
+        chosen = tuple(v for v in kernels.VARIANTS if v.name in variants)
+    if source is not None and not source.is_dir():
+        raise MarcoError(f"{source} is not a folder")
+    with err.status("building CPU kernels") as status:
+        result = kernels.build(chosen, source, force, progress=lambda m: status.update(m))
+    if as_json:
+        print_json(asdict(result))
+        return
+    verb = "already built" if result.already else f"built in {result.seconds:.0f} s"
+    console.print(f"CPU kernel variants {', '.join(result.variants)}: {verb}, in {result.folder}", highlight=False)
+    here = ", ".join(result.runs_here) or "none (the installed portable kernels stay in use)"
+    console.print(f"this CPU runs: {here}", highlight=False)
+    if result.runs_here:
+        console.print(f"in use from now on: {result.runs_here[0]} (MARCO_GGUF_CPU_KERNELS=portable turns it off)")
+
+
 @command()
 def doctor(
     model: Annotated[Path | None, typer.Option("--model", "-m", help="A GGUF to check the memory for.")] = None,
@@ -82,6 +121,11 @@ def show_report(r: dict) -> None:
                   f"Vulkan: {'yes' if host['vulkan'] else 'no'}", highlight=False)
     k = r["kernels"]
     console.print(f"[bold]CPU kernels built in[/]: {' '.join(k['built_with']) or 'none reported'}", highlight=False)
+    use = k["in_use"]
+    console.print(f"  in use: {use['reason']}" + (f" ({use['path']})" if use["path"] else ""), highlight=False,
+                  soft_wrap=True)
+    for why in use["skipped"]:
+        console.print(f"  not used: {why}", highlight=False)
     if k["runs_here"]:
         answer = {True: "yes", False: "no", None: "?"}
         tried = ", ".join(f"{name} {answer[ok]}" for name, ok in k["runs_here"].items())
@@ -100,7 +144,8 @@ def show_report(r: dict) -> None:
         verb = "fix" if r["problems"] else "a build that uses more of this machine"
         console.print(f"[bold]{verb}[/] ({advice['reason']}):")
         console.print(f"  {advice['command']}", markup=False, highlight=False)
-        console.print(f"  or: {advice['pip']}", markup=False, highlight=False, soft_wrap=True)
+        if advice["pip"]:
+            console.print(f"  or: {advice['pip']}", markup=False, highlight=False, soft_wrap=True)
         if advice.get("measured_gain"):
             console.print(f"  what it gains: {advice['measured_gain']}", highlight=False, soft_wrap=True)
     else:

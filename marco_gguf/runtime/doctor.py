@@ -17,6 +17,9 @@ from marco_gguf.errors import MarcoError
 from marco_gguf.memory import Footprint
 from marco_gguf.runtime.build import build_command
 from marco_gguf.runtime.isa import is_x86, usable
+from marco_gguf.runtime.kernels import activate as activate_kernels
+from marco_gguf.runtime.kernels import describe as describe_kernels
+from marco_gguf.runtime.kernels import supported as kernels_supported
 from marco_gguf.runtime.placement import backends, devices
 
 CPU_PROFILE_LEVELS = ("cpu-avx2", "cpu", "cpu-avx512")
@@ -24,12 +27,16 @@ CPU_PROFILE_LEVELS = ("cpu-avx2", "cpu", "cpu-avx512")
 ISA_NAMES = {"amx_int8": "amx", "amx_tile": "amx"}
 # what a rebuild gained where it was measured (BENCHMARKS.md, "Build profiles"): shown with the advice
 MEASURED_GAIN = {
+    "build-kernels": "measured against the portable kernels on a 2-core AMD EPYC (Zen 4), 4-layer "
+                     "Marco-Nano-shaped Q4_K_M, 1 thread: generation +7 %, prompt processing +15 % "
+                     "(BENCHMARKS.md, 'Build profiles')",
     "cpu-avx512": "measured against the portable build on a 2-core AMD EPYC (Zen 4), 4-layer Marco-Nano-shaped "
                   "Q4_K_M, 1 thread, quiet machine: prompt processing +15 %, generation +17 % "
                   "(BENCHMARKS.md, 'Build profiles')",
 }
 PROBE_CODE = """
 import json, sys, time
+import marco_gguf.runtime  # the CPU kernels every command uses (kernels.py), so the probe runs those
 from llama_cpp import Llama
 llm = Llama(sys.argv[1], n_ctx=256, n_batch=64, verbose=False)
 ids = llm.tokenize(("Marco runs on laptops and phones. " * 8).encode(), add_bos=False)
@@ -306,7 +313,16 @@ def diagnose(model: Path | None = None, n_ctx: int = 4096) -> dict:
                             f"{fit['ram_available']:,} bytes of RAM are free")
     advice = advise(host, info, registered, crashed=not probe["ok"])
     report["advice"] = None
-    if advice:
+    if advice and advice.profile in ("cpu", "cpu-avx512") and probe["ok"] and kernels_supported():
+        # the same kernels without rebuilding llama-cpp-python, and the install stays portable
+        in_use = report["kernels"]["in_use"]
+        command = "marco-gguf build-kernels"
+        if in_use["built"]:  # built, but not loaded in this process: say why instead of building again
+            command = f"built but not in use: {in_use['reason']}"
+        report["advice"] = {"profile": "build-kernels", "defines": [], "reason": advice.reason,
+                            "command": command, "pip": None,
+                            "measured_gain": MEASURED_GAIN["build-kernels"]}
+    elif advice:
         command = build_command_for(advice)
         report["advice"] = {**asdict(advice), "command": command[0], "pip": command[1],
                             "measured_gain": MEASURED_GAIN.get(advice.profile)}
@@ -323,7 +339,8 @@ def kernels(info: dict[str, dict[str, str]], host: Host) -> dict:
                      "a native or AMX build would die with SIGILL")
     if "avx512f" in host.cpu_flags and host.runs.get("avx512f") is False:
         notes.append("the CPU advertises AVX-512 but the OS does not run it")
-    return {"built_with": built, "advertised": host.cpu_flags, "runs_here": host.runs, "notes": notes}
+    return {"built_with": built, "advertised": host.cpu_flags, "runs_here": host.runs, "notes": notes,
+            "in_use": describe_kernels(activate_kernels())}
 
 
 def build_command_for(advice: Advice) -> tuple[str, str]:

@@ -21,6 +21,8 @@ _TAIL = "c5f877c3"
 INSTRUCTIONS = {
     "avx2": "c5fdefc0",              # vpxor ymm0, ymm0, ymm0
     "avx512f": "62f17d48efc0",       # vpxord zmm0, zmm0, zmm0
+    "avx512bw": "62f17d48fcc0",      # vpaddb zmm0, zmm0, zmm0
+    "avx512_vbmi": "62f27d488dc0",   # vpermb zmm0, zmm0, zmm0
     "avx512_vnni": "62f27d4850c0",   # vpdpbusd zmm0, zmm0, zmm0
     "avx512_bf16": "62f27e4852c0",   # vdpbf16ps zmm0, zmm0, zmm0
     "amx": "c4e27849c0",             # tilerelease (after asking Linux for the AMX tile state, as ggml does)
