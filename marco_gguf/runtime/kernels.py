@@ -233,7 +233,8 @@ class BuildResult:
     folder: str
     variants: list[str]
     seconds: float
-    runs_here: list[str]  # the built variants this CPU runs (checked by loading each in a child process)
+    runs_here: list[str]  # all variants built for this library that this CPU runs, best first (each loaded in a
+    # child process)
     already: bool = False
 
 
@@ -347,7 +348,7 @@ def build(variants: tuple[Variant, ...] = VARIANTS, source: Path | None = None, 
     folder = kernels_dir(key)
     names = [v.name for v in variants]
     if not force and set(names) <= set(built(key)):
-        return BuildResult(str(folder), names, 0.0, [n for n in names if check_variant(n)], already=True)
+        return BuildResult(str(folder), names, 0.0, [n for n in built(key) if check_variant(n)], already=True)
     if shutil.which("cmake") is None:
         raise MarcoError("cmake is not installed (pip install cmake, or your system's package)")
     start = time.perf_counter()
@@ -374,7 +375,11 @@ def build(variants: tuple[Variant, ...] = VARIANTS, source: Path | None = None, 
             _compile_score(ggml, variant, out / SCORE)
         shutil.rmtree(build_dir)
         shutil.rmtree(staging / "project")
-        (staging / MANIFEST).write_text(json.dumps({"llama_cpp_python": version, "key": key, "variants": names,
+        kept = [n for n in built(key) if n not in names]  # built before and not asked for now: kept
+        for name in kept:
+            shutil.copytree(folder / name, staging / name)
+        order = [v.name for v in VARIANTS if v.name in names or v.name in kept]
+        (staging / MANIFEST).write_text(json.dumps({"llama_cpp_python": version, "key": key, "variants": order,
                                                     "source": str(ggml), "built": time.time()}, indent=1))
         old = folder.with_name(f".{key}.old.{os.getpid()}")
         if folder.exists():
@@ -384,7 +389,7 @@ def build(variants: tuple[Variant, ...] = VARIANTS, source: Path | None = None, 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say("checking which variants this CPU runs")
-    return BuildResult(str(folder), names, time.perf_counter() - start, [n for n in names if check_variant(n)])
+    return BuildResult(str(folder), names, time.perf_counter() - start, [n for n in built(key) if check_variant(n)])
 
 
 def describe(activation: Activation) -> dict:
