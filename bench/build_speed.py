@@ -31,6 +31,8 @@ from pathlib import Path
 
 from common import LLAMA_CPP, OUT, REPO, marco_bench
 
+from marco_gguf.runtime import kernels  # before llama_cpp anywhere: it chooses the CPU kernels
+
 LIBS = ("libllama", "libggml", "libggml-base", "libggml-cpu", "libggml-rpc")
 
 
@@ -84,9 +86,7 @@ def main() -> int:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--repetitions", type=int, default=3)
     args = ap.parse_args()
-    from marco_gguf.runtime import kernels  # before llama_cpp: the installed process's kernel choice
-
-    import llama_cpp
+    import llama_cpp  # after marco_gguf.runtime (imported above), which chose this process's CPU kernels
 
     builds: dict[str, Path | None] = {"installed": None, "portable": None}
     for profile in args.profiles:

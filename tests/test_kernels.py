@@ -140,3 +140,23 @@ def test_build_kernels_refuses_an_unknown_variant():
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "unknown variant 'pentium'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_doctor_measures_what_the_variant_gains_on_this_cpu(built, tiny_q4):
+    """`doctor --model FILE --measure` times the model with the kernels in use and with the portable ones."""
+    def doctor(**env: str) -> dict:
+        proc = subprocess.run([sys.executable, "-m", "marco_gguf", "doctor", "--model", str(tiny_q4), "--measure",
+                               "--json"], capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)["measured"]
+
+    want = expected_variant(built)
+    got = doctor()
+    if want is None:
+        assert "no CPU kernel variant is in use" in got["note"]
+        return
+    assert got["variant"] == want and got["model"] == str(tiny_q4)
+    for side in ("kernels", "portable"):
+        assert got[side]["tg"] > 0 and got[side]["pp"] > 0
+    assert got["gain_tg"] == pytest.approx(got["kernels"]["tg"] / got["portable"]["tg"])
+    assert "nothing to compare" in doctor(**{kernels.ENV: "portable"})["note"]

@@ -90,14 +90,22 @@ def build_kernels(
 def doctor(
     model: Annotated[Path | None, typer.Option("--model", "-m", help="A GGUF to check the memory for.")] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length to check the memory for.")] = 4096,
+    measure: Annotated[bool, typer.Option("--measure", help="With --model: time the model's prompt processing and "
+                                          "generation with the CPU kernels in use and with the portable ones "
+                                          "(about a minute).")] = False,
     as_json: Json = False,
 ) -> None:
     """Check the installed llama.cpp build on this machine: features, a crash probe, memory, a better build."""
-    from marco_gguf.runtime.doctor import diagnose
+    from marco_gguf.runtime.doctor import diagnose, measure_kernels
 
     if ctx < 1:
         raise MarcoError("--ctx must be at least 1")
+    if measure and model is None:
+        raise MarcoError("--measure needs --model FILE: the kernels are timed on that model")
     report = diagnose(model, ctx)
+    if measure:
+        with err.status("timing the model with each set of CPU kernels"):
+            report["measured"] = measure_kernels(model)
     if as_json:
         print_json(report)
     else:
@@ -137,6 +145,15 @@ def show_report(r: dict) -> None:
                       "on a tiny model (in a child process)")
     if "model" in r:
         show_fit(r["model"])
+    if r.get("measured"):
+        m = r["measured"]
+        if m.get("note"):
+            console.print(f"[bold]measured[/]: {m['note']}", highlight=False)
+        else:
+            console.print(f"[bold]measured on this CPU[/] ({Path(m['model']).name}, {m['threads']} threads): "
+                          f"{m['variant']} kernels generate at {m['gain_tg']:.2f}x and process prompts at "
+                          f"{m['gain_pp']:.2f}x the portable kernels (tg {m['kernels']['tg']:.1f} against "
+                          f"{m['portable']['tg']:.1f} tokens/s)", highlight=False)
     for problem in r["problems"]:
         console.print(f"[bold red]problem:[/] {problem}", highlight=False)
     advice = r["advice"]

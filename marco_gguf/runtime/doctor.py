@@ -247,6 +247,31 @@ def run_probe(argv: list[str], timeout: float = 300) -> dict:
     return result
 
 
+def measure_kernels(model: Path, threads: int | None = None, n_prompt: int = 128, n_gen: int = 32,
+                    repetitions: int = 3) -> dict:
+    """`bench` on the user's model in two child processes, the CPU kernels in use against the portable ones
+    (MARCO_GGUF_CPU_KERNELS=portable): what the variant gains on this CPU, measured instead of quoted."""
+    from marco_gguf.runtime.kernels import ENV
+
+    in_use = activate_kernels()
+    if in_use.variant is None:
+        return {"note": f"no CPU kernel variant is in use ({in_use.reason}); nothing to compare"}
+    speeds = {}
+    for name, choice in (("kernels", in_use.variant), ("portable", "portable")):
+        cmd = [sys.executable, "-m", "marco_gguf", "bench", str(model), "-p", str(n_prompt), "-n", str(n_gen),
+               "-r", str(repetitions), "--json", *([] if threads is None else ["-t", str(threads)])]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, ENV: choice})
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()
+            raise MarcoError(f"bench with the {choice} kernels failed: {tail[-1] if tail else proc.returncode}")
+        result = json.loads(proc.stdout)
+        speeds[name] = {"tg": result["llama_cpp"]["tg"], "pp": result["llama_cpp"]["pp"],
+                        "threads": result["settings"]["threads"]}
+    return {"model": str(model), "variant": in_use.variant, "threads": speeds["kernels"]["threads"], **speeds,
+            "gain_tg": speeds["kernels"]["tg"] / speeds["portable"]["tg"],
+            "gain_pp": speeds["kernels"]["pp"] / speeds["portable"]["pp"]}
+
+
 def probe_prompt() -> dict:
     """Evaluate a multi-token prompt on the tiny probe model in a child process."""
     return run_probe([sys.executable, "-c", PROBE_CODE, str(probe_model())])
