@@ -93,9 +93,8 @@ def check() -> None:
 
     base = load_ggml_base()
     missing = missing_symbols(base, GGML_BASE_SYMBOLS)
-    from marco_gguf.runtime import kernels  # chooses the CPU kernels before llama_cpp loads libggml
+    import marco_gguf.runtime  # noqa: F401  (sets OpenMP up and chooses the CPU kernels before libggml loads)
 
-    kernels.activate()
     try:
         import llama_cpp
         from llama_cpp._ggml import libggml
