@@ -195,6 +195,11 @@ def _activate(choice: str) -> Activation:
     if key is None or not names:
         return Activation(None, "no kernel variants built for the installed llama.cpp (marco-gguf build-kernels): "
                                 "the installed kernels")
+    from marco_gguf.ggml_library import library_dir
+
+    if not (library_dir() / LIBRARY).exists():  # e.g. a GGML_BACKEND_DL build: nothing links to that soname
+        return Activation(None, f"the installed llama.cpp has no {LIBRARY} for a variant to stand in for: "
+                                "the installed kernels")
     folder = kernels_dir(key)
     skipped = []
     for variant in VARIANTS:
@@ -212,8 +217,6 @@ def _activate(choice: str) -> Activation:
             failed = ", ".join(n for n, ok in runs.items() if not ok)
             skipped.append(f"{variant.name}: {failed} advertised but not executed here")
             continue
-        from marco_gguf.ggml_library import library_dir
-
         try:
             ctypes.CDLL(str(library_dir() / "libggml-base.so"))
             ctypes.CDLL(str(folder / variant.name / LIBRARY))
