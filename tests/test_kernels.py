@@ -160,3 +160,20 @@ def test_doctor_measures_what_the_variant_gains_on_this_cpu(built, tiny_q4):
         assert got[side]["tg"] > 0 and got[side]["pp"] > 0
     assert got["gain_tg"] == pytest.approx(got["kernels"]["tg"] / got["portable"]["tg"])
     assert "nothing to compare" in doctor(**{kernels.ENV: "portable"})["note"]
+
+
+def test_doctor_advises_building_the_kernels_only_where_they_are_missing(built, tmp_path):
+    """On a CPU that runs a variant: without variants doctor's advice is `build-kernels` (not a 10-minute
+    rebuild of llama-cpp-python); with them in use there is no CPU advice."""
+    if expected_variant(built) is None:
+        pytest.skip("this CPU runs none of the variants")
+
+    def advice(**env: str) -> dict | None:
+        proc = subprocess.run([sys.executable, "-m", "marco_gguf", "doctor", "--json"], capture_output=True,
+                              text=True, timeout=600, env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)["advice"]
+
+    missing = advice(XDG_CACHE_HOME=str(tmp_path))
+    assert missing is not None and missing["command"] == "marco-gguf build-kernels"
+    assert advice() is None
