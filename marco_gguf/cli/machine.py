@@ -63,7 +63,10 @@ def build_kernels(
 
     if not kernels.supported():
         message = "nothing to build: CPU kernel variants are for x86-64 Linux; this install's kernels fit it"
-        print_json({"variants": [], "message": message}) if as_json else console.print(message)
+        if as_json:
+            print_json({"variants": [], "message": message})
+        else:
+            console.print(message)
         return
     chosen = kernels.VARIANTS
     if variants:

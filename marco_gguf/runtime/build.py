@@ -132,3 +132,18 @@ def installed_build(python: str = sys.executable) -> str:
     if proc.returncode != 0:
         raise MarcoError(f"llama_cpp does not import after the build: {proc.stderr.strip().splitlines()[-1:]}")
     return proc.stdout.strip()
+
+
+def parse_system_info(text: str) -> dict[str, dict[str, str]]:
+    """'CPU : AVX2 = 1 | FMA = 1 | CUDA : ARCHS = 890 |' -> {'CPU': {'AVX2': '1', ...}, 'CUDA': {...}}."""
+    sections: dict[str, dict[str, str]] = {}
+    current = sections.setdefault("", {})
+    for item in text.split("|"):
+        if " : " in item:
+            name, item = item.split(" : ", 1)
+            current = sections.setdefault(name.strip(), {})
+        if "=" in item:
+            key, value = item.split("=", 1)
+            current[key.strip()] = value.strip()
+    sections.pop("", None)
+    return sections

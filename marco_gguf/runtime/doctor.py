@@ -15,7 +15,7 @@ from pathlib import Path
 
 from marco_gguf.errors import MarcoError
 from marco_gguf.memory import Footprint
-from marco_gguf.runtime.build import build_command
+from marco_gguf.runtime.build import build_command, parse_system_info
 from marco_gguf.runtime.isa import is_x86, usable
 from marco_gguf.runtime.kernels import activate as activate_kernels
 from marco_gguf.runtime.kernels import describe as describe_kernels
@@ -46,21 +46,6 @@ llm.eval([ids[0]])
 print(json.dumps({"tokens": len(ids), "seconds": time.perf_counter() - t0}))
 """
 PROBE_CONFIG = {"num_hidden_layers": 1, "num_experts": 4, "num_experts_per_tok": 2}
-
-
-def parse_system_info(text: str) -> dict[str, dict[str, str]]:
-    """'CPU : AVX2 = 1 | FMA = 1 | CUDA : ARCHS = 890 |' -> {'CPU': {'AVX2': '1', ...}, 'CUDA': {...}}."""
-    sections: dict[str, dict[str, str]] = {}
-    current = sections.setdefault("", {})
-    for item in text.split("|"):
-        if " : " in item:
-            name, item = item.split(" : ", 1)
-            current = sections.setdefault(name.strip(), {})
-        if "=" in item:
-            key, value = item.split("=", 1)
-            current[key.strip()] = value.strip()
-    sections.pop("", None)
-    return sections
 
 
 @dataclass

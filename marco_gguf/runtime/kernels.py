@@ -195,7 +195,7 @@ def _activate(choice: str) -> Activation:
     if key is None or not names:
         return Activation(None, "no kernel variants built for the installed llama.cpp (marco-gguf build-kernels): "
                                 "the installed kernels")
-    from marco_gguf.ggml_library import library_dir
+    from marco_gguf.ggml_library import library_dir, load_ggml_base
 
     if not (library_dir() / LIBRARY).exists():  # e.g. a GGML_BACKEND_DL build: nothing links to that soname
         return Activation(None, f"the installed llama.cpp has no {LIBRARY} for a variant to stand in for: "
@@ -218,9 +218,9 @@ def _activate(choice: str) -> Activation:
             skipped.append(f"{variant.name}: {failed} advertised but not executed here")
             continue
         try:
-            ctypes.CDLL(str(library_dir() / "libggml-base.so"))
+            load_ggml_base()  # first, so that the variant's libggml-base.so.0 is the installed one
             ctypes.CDLL(str(folder / variant.name / LIBRARY))
-        except OSError as exc:
+        except (OSError, MarcoError) as exc:
             skipped.append(f"{variant.name}: {exc}")
             continue
         return Activation(variant.name, f"ggml's CPU kernels for {variant.name} "
@@ -236,8 +236,7 @@ class BuildResult:
     folder: str
     variants: list[str]
     seconds: float
-    runs_here: list[str]  # all variants built for this library that this CPU runs, best first (each loaded in a
-    # child process)
+    runs_here: list[str]  # every variant built for this library that loads and runs here (child processes)
     already: bool = False
 
 
@@ -293,12 +292,9 @@ add_subdirectory("{ggml}" ggml)
 def installed_options() -> dict[str, str]:
     """The installed CPU backend's non-ISA options (llamafile's sgemm, OpenMP threads), read from the library
     itself in a fresh process, so that a variant differs from it in instruction sets only."""
-    from marco_gguf.runtime.build import installed_build
+    from marco_gguf.runtime.build import installed_build, parse_system_info
 
-    cpu = {}
-    for item in installed_build().split("|"):
-        name, _, value = item.rpartition(":")[2].partition("=")
-        cpu[name.strip()] = value.strip()
+    cpu = parse_system_info(installed_build()).get("CPU", {})
     return {"LLAMAFILE": "ON" if cpu.get("LLAMAFILE") == "1" else "OFF",
             "OPENMP": "ON" if cpu.get("OPENMP") == "1" else "OFF",
             "CPU_REPACK": "ON" if cpu.get("REPACK") == "1" else "OFF"}
